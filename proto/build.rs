@@ -1,0 +1,24 @@
+//! Compiles `liftwire/v1/*.proto` with a pure-Rust protobuf compiler (`protox`), so building
+//! liftwire never needs a `protoc` binary.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "liftwire/v1/common.proto",
+    "liftwire/v1/telemetry.proto",
+    "liftwire/v1/events.proto",
+    "liftwire/v1/device.proto",
+    "liftwire/v1/backend.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={}", root.join(proto).display());
+    }
+    let descriptors = protox::compile(PROTOS, [&root])?;
+    prost_build::Config::new()
+        .enable_type_names()
+        .compile_fds(descriptors)?;
+    Ok(())
+}
