@@ -1,0 +1,164 @@
+//! Logs and traces: `tracing` everywhere, exported as OpenTelemetry spans when an OTLP endpoint
+//! is configured, and W3C trace context carried in NATS message headers so that one trace follows
+//! a device message through the gateway, NATS and the services.
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use serde::Deserialize;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
+/// `[runtime.observability]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilityConfig {
+    /// `tracing` filter directives, e.g. `info,liftwire_gateway=debug`. `RUST_LOG` wins if set.
+    pub log_filter: String,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// OTLP/HTTP traces endpoint, e.g. `http://otel-collector:4318/v1/traces`. Without it spans
+    /// still get trace ids and propagate through NATS; they are just not exported.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for ObservabilityConfig {
+    fn default() -> Self {
+        Self {
+            log_filter: "info".into(),
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+        }
+    }
+}
+
+/// Why tracing could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ObservabilityError {
+    /// The log filter does not parse.
+    #[error("invalid log filter {filter:?}: {source}")]
+    Filter {
+        /// The rejected directives.
+        filter: String,
+        /// Parser error.
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    /// The OTLP exporter could not be built.
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// A global subscriber is already installed.
+    #[error("a tracing subscriber is already installed: {0}")]
+    AlreadyInstalled(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Keeps the tracer provider alive; flushes pending spans when dropped.
+#[must_use = "dropping the guard stops span export"]
+pub struct TracingGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("liftwire: flushing spans at exit failed: {e}");
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber (logs + OpenTelemetry) and the W3C trace-context
+/// propagator for `service` (used as the OpenTelemetry `service.name`).
+///
+/// `rust_log` is the value of `RUST_LOG`, if any; it overrides the configured filter.
+pub fn init(
+    service: &'static str,
+    config: &ObservabilityConfig,
+    rust_log: Option<&str>,
+) -> Result<TracingGuard, ObservabilityError> {
+    let directives = rust_log.unwrap_or(&config.log_filter);
+    let filter =
+        EnvFilter::builder()
+            .parse(directives)
+            .map_err(|source| ObservabilityError::Filter {
+                filter: directives.to_owned(),
+                source,
+            })?;
+
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(service).build());
+    if let Some(endpoint) = &config.otlp_endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint.clone())
+            .build()?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    match config.log_format {
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()?,
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()?,
+    }
+    Ok(TracingGuard { provider })
+}
+
+struct HeaderInjector<'a>(&'a mut async_nats::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct HeaderExtractor<'a>(&'a async_nats::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Writes the W3C `traceparent` (and `tracestate`) of `span` into NATS `headers`.
+pub fn inject_trace_context(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
+    let context = span.context();
+    TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(headers));
+}
+
+/// Makes `span` a child of the trace context found in NATS `headers`, if any.
+pub fn adopt_trace_context(span: &tracing::Span, headers: &async_nats::HeaderMap) {
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    // Headers without a valid traceparent yield an empty context: the span keeps its own root.
+    let _ = span.set_parent(parent);
+}
