@@ -6,7 +6,7 @@
 //!   names of the checks that are not.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -64,8 +64,8 @@ impl ReadinessCheck {
 /// What the admin endpoints serve.
 #[derive(Clone)]
 pub struct AdminState {
-    /// Metrics of the binary.
-    pub registry: Arc<Registry>,
+    /// Metrics of the binary (written while components register, read when scraped).
+    pub registry: Arc<RwLock<Registry>>,
     /// Readiness checks of the binary.
     pub readiness: Readiness,
 }
@@ -92,7 +92,11 @@ pub async fn serve(
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+    let registry = state
+        .registry
+        .read()
+        .unwrap_or_else(PoisonError::into_inner);
+    match prometheus_client::encoding::text::encode(&mut body, &registry) {
         Ok(()) => (
             [(
                 header::CONTENT_TYPE,
@@ -158,7 +162,7 @@ mod tests {
         let server = tokio::spawn(serve(
             listener,
             AdminState {
-                registry: Arc::new(registry),
+                registry: Arc::new(RwLock::new(registry)),
                 readiness,
             },
             shutdown.clone(),

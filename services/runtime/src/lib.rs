@@ -6,12 +6,14 @@
 //!   propagation through NATS headers;
 //! * [`admin`]: the operator endpoints `/metrics` (Prometheus), `/healthz` and `/readyz`;
 //! * [`shutdown`]: SIGTERM/SIGINT → cancel → drain within a bounded grace period;
-//! * [`nats`]: connecting to NATS and declaring the contract's JetStream streams.
+//! * [`nats`]: connecting to NATS and declaring the contract's JetStream streams;
+//! * [`service`]: the config → build → run shape every binary's `main` delegates to.
 
 pub mod admin;
 pub mod config;
 pub mod nats;
 pub mod observability;
+pub mod service;
 pub mod shutdown;
 
 use std::net::SocketAddr;

@@ -1,0 +1,120 @@
+//! The telemetry service turns the device stream into trustworthy elevator data. It owns its
+//! PostgreSQL schema; no other service writes it.
+//!
+//! Ingest reads the `LW_UPLINK` JetStream stream with a durable pull consumer shared by every
+//! replica, writes each batch in one transaction (idempotent on `(device_id, seq)`), and only then
+//! acknowledges the messages to JetStream. After each commit it publishes every affected device's
+//! persisted-sequence watermark downlink, so devices can trim their outbox.
+
+pub mod ingest;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use liftwire_runtime::nats::NatsConfig;
+use liftwire_runtime::service::{BoxError, BuildContext, Service};
+use liftwire_runtime::RuntimeConfig;
+use serde::Deserialize;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+/// Embedded schema migrations (`services/telemetry/migrations`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Configuration of the telemetry service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Shared runtime settings.
+    pub runtime: RuntimeConfig,
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// PostgreSQL connection.
+    pub database: DatabaseConfig,
+    /// Ingest tuning.
+    pub ingest: ingest::IngestConfig,
+}
+
+/// `[database]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL, e.g. `postgres://liftwire@127.0.0.1:5432/liftwire`.
+    pub url: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://liftwire@127.0.0.1:5432/liftwire".into(),
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// A lazily connecting pool: the service starts while PostgreSQL is still down.
+    pub fn pool(&self) -> Result<sqlx::PgPool, sqlx::Error> {
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_lazy(&self.url)
+    }
+}
+
+/// The running service.
+pub struct Telemetry {
+    ingest: ingest::Ingest,
+}
+
+impl Service for Telemetry {
+    const NAME: &'static str = "telemetry";
+    type Config = Config;
+
+    fn runtime(config: &Config) -> &RuntimeConfig {
+        &config.runtime
+    }
+
+    async fn build(config: Config, ctx: &BuildContext) -> Result<Self, BoxError> {
+        let pool = config.database.pool()?;
+        let nats = liftwire_runtime::nats::connect(&config.nats, "liftwire-telemetry").await?;
+        let ingest = ingest::Ingest::build(config.ingest, &config.nats, nats, pool, ctx).await?;
+        Ok(Self { ingest })
+    }
+
+    async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
+        self.ingest.run(shutdown).await
+    }
+}
+
+/// Applies the migrations to `pool`'s database.
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// The `migrate` subcommand: applies the migrations and exits.
+pub async fn migrate_command(config: Config) -> ExitCode {
+    let pool = match sqlx::PgPool::connect(&config.database.url).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("telemetry migrate: cannot connect to the database: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match migrate(&pool).await {
+        Ok(()) => {
+            eprintln!("telemetry migrate: schema is up to date");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("telemetry migrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
