@@ -62,13 +62,21 @@ impl Service for Gateway {
 
     async fn build(config: Config, ctx: &BuildContext) -> Result<Self, BoxError> {
         let nats_ready = ctx.readiness.register("nats");
-        let nats = liftwire_runtime::nats::connect(&config.nats, &format!("liftwire-gateway-{}", config.gateway_id)).await?;
+        let nats = liftwire_runtime::nats::connect(
+            &config.nats,
+            &format!("liftwire-gateway-{}", config.gateway_id),
+        )
+        .await?;
         let js = jetstream::new(nats.clone());
         for spec in [&UPLINK_STREAM, &DEAD_LETTER_STREAM] {
             ensure_stream(&js, spec, &config.nats).await?;
             tracing::info!(stream = spec.name, subjects = ?spec.subjects, "stream declared");
         }
-        Ok(Self { config, nats, nats_ready })
+        Ok(Self {
+            config,
+            nats,
+            nats_ready,
+        })
     }
 
     async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {

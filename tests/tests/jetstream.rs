@@ -1,6 +1,9 @@
 //! Protobuf envelopes through a real JetStream: the contract's stream, de-duplication on the
 //! device sequence, and trace context in headers.
 
+// Helpers outside #[test] functions panic on purpose: a failed setup fails the test.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};

@@ -1,6 +1,9 @@
 //! Objects through a real S3-compatible server with `aws-sdk-s3`: the server checks signatures,
 //! and presigned URLs work for a client that holds no credentials (an in-cabin screen).
 
+// Helpers outside #[test] functions panic on purpose: a failed setup fails the test.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use aws_sdk_s3::presigning::PresigningConfig;

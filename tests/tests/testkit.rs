@@ -1,5 +1,8 @@
 //! The test kit's own promises: servers are isolated and leave nothing behind.
 
+// Helpers outside #[test] functions panic on purpose: a failed setup fails the test.
+#![allow(clippy::unwrap_used)]
+
 use liftwire_testkit::{Nats, Postgres};
 
 #[tokio::test]

@@ -55,6 +55,15 @@ pub struct ReadinessCheck {
 }
 
 impl ReadinessCheck {
+    /// Whether the check is currently ready.
+    pub fn is_ready(&self) -> bool {
+        self.readiness
+            .lock()
+            .get(self.name)
+            .copied()
+            .unwrap_or(false)
+    }
+
     /// Marks the check ready or not ready.
     pub fn set(&self, ready: bool) {
         self.readiness.lock().insert(self.name, ready);

@@ -91,11 +91,10 @@ mod tests {
     use std::sync::Arc;
     use tokio::sync::Notify;
 
+    type SignalFuture = std::pin::Pin<Box<dyn Future<Output = &'static str> + Send>>;
+
     /// A signal source the test fires by hand.
-    fn manual() -> (
-        Arc<Notify>,
-        impl FnMut() -> std::pin::Pin<Box<dyn Future<Output = &'static str> + Send>>,
-    ) {
+    fn manual() -> (Arc<Notify>, impl FnMut() -> SignalFuture) {
         let notify = Arc::new(Notify::new());
         let n = notify.clone();
         (notify, move || {

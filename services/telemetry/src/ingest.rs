@@ -349,6 +349,11 @@ impl Ingest {
                 }
             };
             if messages.is_empty() {
+                if !self.database_ready.is_ready() {
+                    // Idle: nothing to write, so probe the database to report readiness.
+                    let probe = sqlx::query("SELECT 1").execute(&self.pool).await;
+                    self.database_ready.set(probe.is_ok());
+                }
                 continue;
             }
             match self.process(messages).await {

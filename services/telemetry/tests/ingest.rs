@@ -1,5 +1,8 @@
 //! Ingest against a real nats-server (JetStream) and a real PostgreSQL.
 
+// Helpers outside #[test] functions panic on purpose: a failed setup fails the test.
+#![allow(clippy::unwrap_used)]
+
 use std::future::Future;
 use std::time::Duration;
 

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Runs the whole liftwire backbone locally: NATS (JetStream), PostgreSQL, an S3 server, and every
+# liftwire component that exists, all under one data directory. Ctrl-C stops everything.
+#
+#   deploy/dev.sh                 data in ./.liftwire (override with LIFTWIRE_DATA=/some/dir)
+#
+# Infrastructure uses its default port (NATS 4222, PostgreSQL 5432, S3 8014) when free, else the
+# next free one. Nothing is left running after Ctrl-C.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+data=${LIFTWIRE_DATA:-$repo/.liftwire}
+mkdir -p "$data"
+data=$(cd "$data" && pwd)
+logs=$data/logs
+mkdir -p "$logs"
+
+say() { printf '[liftwire] %s\n' "$*"; }
+
+"$repo/deploy/setup.sh"
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+pick_port() {
+  local port=$1
+  while port_in_use "$port"; do port=$((port + 1)); done
+  echo "$port"
+}
+
+pids=()
+stopped=0
+cleanup() {
+  ((stopped)) && return
+  stopped=1
+  say "stopping..."
+  local pid
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  say "stopped; data kept in $data (delete it to start from scratch)"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+wait_port() { # name port pid
+  local i
+  for ((i = 0; i < 300; i++)); do
+    port_in_use "$2" && return 0
+    kill -0 "$3" 2>/dev/null || { say "$1 exited; see $logs/$1.log"; tail -n 20 "$logs/$1.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  say "$1 did not open port $2; see $logs/$1.log"
+  exit 1
+}
+
+# --- NATS with JetStream -------------------------------------------------------------------
+nats_port=$(pick_port 4222)
+nats_monitor=$(pick_port 8222)
+mkdir -p "$data/nats"
+cat > "$data/nats/nats.conf" <<CONF
+server_name: liftwire_dev
+listen: "127.0.0.1:$nats_port"
+http: "127.0.0.1:$nats_monitor"
+jetstream { store_dir: "$data/nats/jetstream" }
+CONF
+nats-server --config "$data/nats/nats.conf" >"$logs/nats.log" 2>&1 &
+pids+=($!)
+wait_port nats "$nats_port" "${pids[-1]}"
+
+# --- PostgreSQL (a private cluster; as the 'postgres' user when run as root) ----------------
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+pg_port=$(pick_port 5432)
+pg_dir=$data/postgres
+as_pg=()
+if [[ $(id -u) -eq 0 ]]; then
+  pg_user=postgres
+  id "$pg_user" >/dev/null 2>&1 || pg_user=nobody
+  as_pg=(setpriv --reuid="$pg_user" --regid="$(id -g "$pg_user")" --init-groups)
+  if ! "${as_pg[@]}" test -x "$data"; then
+    # PostgreSQL refuses to run as root and its user cannot enter $data (e.g. under /root).
+    pg_dir=/var/tmp/liftwire-dev-postgres-$(printf '%s' "$data" | sha256sum | cut -c1-12)
+    say "note: $pg_user cannot enter $data; PostgreSQL data goes to $pg_dir"
+  fi
+  mkdir -p "$pg_dir"
+  chown "$pg_user" "$pg_dir"
+fi
+mkdir -p "$pg_dir"
+if [[ ! -f $pg_dir/data/PG_VERSION ]]; then
+  say "creating the PostgreSQL cluster in $pg_dir/data"
+  "${as_pg[@]}" "$pg_bin/initdb" --auth=trust --username=liftwire --encoding=UTF8 --locale=C -D "$pg_dir/data" >"$logs/initdb.log" 2>&1
+fi
+"${as_pg[@]}" "$pg_bin/postgres" -D "$pg_dir/data" -p "$pg_port" -k "$pg_dir" \
+  -c listen_addresses=127.0.0.1 >"$logs/postgres.log" 2>&1 &
+pids+=($!)
+wait_port postgres "$pg_port" "${pids[-1]}"
+pg_url_admin="postgres://liftwire@127.0.0.1:$pg_port/postgres"
+for ((i = 0; i < 100; i++)); do psql -q "$pg_url_admin" -c 'select 1' >/dev/null 2>&1 && break; sleep 0.1; done
+psql -q "$pg_url_admin" -tc "select 1 from pg_database where datname = 'liftwire'" | grep -q 1 \
+  || psql -q "$pg_url_admin" -c 'create database liftwire' >/dev/null
+pg_url="postgres://liftwire@127.0.0.1:$pg_port/liftwire"
+
+# --- S3 (s3s-fs) ---------------------------------------------------------------------------
+s3_port=$(pick_port 8014)
+s3_bin=$(command -v s3s-fs || echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs")
+mkdir -p "$data/s3"
+s3_access=liftwire-dev
+s3_secret=liftwire-dev-secret
+"$s3_bin" --host 127.0.0.1 --port "$s3_port" --access-key "$s3_access" --secret-key "$s3_secret" \
+  "$data/s3" >"$logs/s3.log" 2>&1 &
+pids+=($!)
+wait_port s3 "$s3_port" "${pids[-1]}"
+
+# --- liftwire components -------------------------------------------------------------------
+say "building liftwire (cargo build --bins)"
+(cd "$repo" && cargo build --quiet --bins)
+bin=${CARGO_TARGET_DIR:-$repo/target}/debug
+
+export LIFTWIRE_GATEWAY__NATS__URL="nats://127.0.0.1:$nats_port"
+export LIFTWIRE_TELEMETRY__NATS__URL="nats://127.0.0.1:$nats_port"
+export LIFTWIRE_TELEMETRY__DATABASE__URL="$pg_url"
+
+gateway_admin=$(pick_port 9101)
+LIFTWIRE_GATEWAY__RUNTIME__ADMIN_LISTEN="127.0.0.1:$gateway_admin" \
+  "$bin/liftwire-gateway" >"$logs/gateway.log" 2>&1 &
+pids+=($!)
+wait_port gateway "$gateway_admin" "${pids[-1]}"
+
+"$bin/liftwire-telemetry" migrate >"$logs/telemetry-migrate.log" 2>&1
+telemetry_admin=$(pick_port 9102)
+LIFTWIRE_TELEMETRY__RUNTIME__ADMIN_LISTEN="127.0.0.1:$telemetry_admin" \
+  "$bin/liftwire-telemetry" >"$logs/telemetry.log" 2>&1 &
+pids+=($!)
+wait_port telemetry "$telemetry_admin" "${pids[-1]}"
+
+cat <<INFO
+
+liftwire backbone is running (data: $data, logs: $logs)
+
+  NATS + JetStream   nats://127.0.0.1:$nats_port      monitor http://127.0.0.1:$nats_monitor
+  PostgreSQL         $pg_url
+  S3 (s3s-fs)        http://127.0.0.1:$s3_port        access key $s3_access / secret $s3_secret
+  gateway            admin http://127.0.0.1:$gateway_admin/metrics  /healthz  /readyz
+  telemetry          admin http://127.0.0.1:$telemetry_admin/metrics  /healthz  /readyz
+
+  Uplink subjects: lw.v1.up.{building}.{device}.{kind} (stream LW_UPLINK); see ARCHITECTURE.md.
+  Press Ctrl-C to stop everything.
+INFO
+
+# Block until Ctrl-C, or until a component dies (then stop the rest).
+set +e
+wait -n "${pids[@]}"
+say "a component exited; see $logs"
+exit 1
