@@ -135,6 +135,15 @@ LIFTWIRE_TELEMETRY__RUNTIME__ADMIN_LISTEN="127.0.0.1:$telemetry_admin" \
 pids+=($!)
 wait_port telemetry "$telemetry_admin" "${pids[-1]}"
 
+api_port=$(pick_port 8080)
+api_admin=$(pick_port 9103)
+export LIFTWIRE_API__AUTH__HS256_SECRET=${LIFTWIRE_API__AUTH__HS256_SECRET:-liftwire-local-development-secret-0001}
+LIFTWIRE_API__HTTP__LISTEN="127.0.0.1:$api_port" LIFTWIRE_API__RUNTIME__ADMIN_LISTEN="127.0.0.1:$api_admin" \
+  "$bin/liftwire-api" >"$logs/api.log" 2>&1 &
+pids+=($!)
+wait_port api "$api_port" "${pids[-1]}"
+token=$("$bin/liftwire-api" mint-token --subject dev --role admin --ttl 8h)
+
 cat <<INFO
 
 liftwire backbone is running (data: $data, logs: $logs)
@@ -144,6 +153,10 @@ liftwire backbone is running (data: $data, logs: $logs)
   S3 (s3s-fs)        http://127.0.0.1:$s3_port        access key $s3_access / secret $s3_secret
   gateway            admin http://127.0.0.1:$gateway_admin/metrics  /healthz  /readyz
   telemetry          admin http://127.0.0.1:$telemetry_admin/metrics  /healthz  /readyz
+  dashboard API      http://127.0.0.1:$api_port/api/v1   admin http://127.0.0.1:$api_admin/metrics
+
+  An admin token for the API (8 h; mint others with: $bin/liftwire-api mint-token --help):
+    curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/me
 
   Uplink subjects: lw.v1.up.{building}.{device}.{kind} (stream LW_UPLINK); see ARCHITECTURE.md.
   Press Ctrl-C to stop everything.

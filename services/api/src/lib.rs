@@ -1,0 +1,136 @@
+//! The dashboard API: a thin, stateless HTTP edge under `/api/v1`. It authenticates (JWT bearer
+//! tokens), authorizes (role and building scope, enforced server-side on every route), validates,
+//! and forwards to the services that own the data over NATS request/reply. It holds no SQL.
+
+pub mod auth;
+pub mod problem;
+
+use std::net::SocketAddr;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use liftwire_runtime::service::{BoxError, BuildContext, Service};
+use liftwire_runtime::RuntimeConfig;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthConfig, Authenticator, Principal, Role};
+use crate::problem::ApiError;
+
+/// Configuration of the API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Shared runtime settings.
+    pub runtime: RuntimeConfig,
+    /// HTTP listener.
+    pub http: HttpConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+}
+
+/// `[http]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address the API listens on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// Token verifier.
+    pub auth: Authenticator,
+}
+
+/// The `/api/v1` router.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/api/v1/me", get(me))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Who the caller is, as the API sees it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Me {
+    /// User id.
+    pub subject: String,
+    /// Role.
+    pub role: Role,
+    /// Buildings in scope (every building for admins).
+    pub buildings: Vec<String>,
+}
+
+async fn me(principal: Principal, State(_): State<AppState>) -> Json<Me> {
+    Json(Me {
+        subject: principal.subject,
+        role: principal.role,
+        buildings: principal
+            .buildings
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    })
+}
+
+/// Serves the API on `listener` until `shutdown`, finishing in-flight requests.
+pub async fn serve_http(
+    listener: TcpListener,
+    state: AppState,
+    max_body_bytes: usize,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state, max_body_bytes))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// The running API.
+pub struct Api {
+    listener: TcpListener,
+    state: AppState,
+    max_body_bytes: usize,
+}
+
+impl Service for Api {
+    const NAME: &'static str = "api";
+    type Config = Config;
+
+    fn runtime(config: &Config) -> &RuntimeConfig {
+        &config.runtime
+    }
+
+    async fn build(config: Config, _ctx: &BuildContext) -> Result<Self, BoxError> {
+        let auth = Authenticator::new(&config.auth)?;
+        let listener = TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|e| format!("cannot bind {}: {e}", config.http.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, "dashboard API under /api/v1");
+        Ok(Self {
+            listener,
+            state: AppState { auth },
+            max_body_bytes: config.http.max_body_bytes,
+        })
+    }
+
+    async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
+        serve_http(self.listener, self.state, self.max_body_bytes, shutdown).await?;
+        Ok(())
+    }
+}
