@@ -166,3 +166,45 @@ pub fn adopt_trace_context(span: &tracing::Span, headers: &async_nats::HeaderMap
     // Headers without a valid traceparent yield an empty context: the span keeps its own root.
     let _ = span.set_parent(parent);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::TraceContextExt;
+
+    fn trace_id(span: &tracing::Span) -> opentelemetry::trace::TraceId {
+        span.context().span().span_context().trace_id()
+    }
+
+    #[test]
+    fn trace_context_crosses_nats_headers() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let ingress = tracing::info_span!("mqtt_ingress");
+            let mut headers = async_nats::HeaderMap::new();
+            inject_trace_context(&ingress, &mut headers);
+            let traceparent = headers
+                .get("traceparent")
+                .expect("traceparent header")
+                .as_str()
+                .to_owned();
+            assert!(traceparent.starts_with("00-"), "{traceparent}");
+            assert!(
+                traceparent.contains(&trace_id(&ingress).to_string()),
+                "{traceparent}"
+            );
+
+            // A consumer on the other side of NATS continues the same trace.
+            let consume = tracing::info_span!("ingest");
+            adopt_trace_context(&consume, &headers);
+            assert_eq!(trace_id(&consume), trace_id(&ingress));
+
+            // Without headers a span starts its own trace.
+            let unrelated = tracing::info_span!("unrelated");
+            adopt_trace_context(&unrelated, &async_nats::HeaderMap::new());
+            assert_ne!(trace_id(&unrelated), trace_id(&ingress));
+        });
+    }
+}
