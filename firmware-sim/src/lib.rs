@@ -1,0 +1,11 @@
+//! Simulated elevator firmware: a controller state machine per elevator, driven by a seeded
+//! traffic profile in simulated time, producing exactly the envelopes real firmware sends
+//! (periodic telemetry and the contract's events, numbered by a per-device sequence).
+//!
+//! Deterministic: the same seed, fleet and duration produce the same envelopes, byte for byte.
+
+pub mod elevator;
+pub mod fleet;
+
+pub use elevator::{Elevator, ElevatorSpec, TrafficProfile};
+pub use fleet::{Fleet, FleetConfig};
