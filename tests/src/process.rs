@@ -177,3 +177,24 @@ pub fn unprivileged_user() -> Option<(u32, u32)> {
         .or_else(|| lookup("nobody"))
         .or(Some((65534, 65534)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_server_names_the_install_script() {
+        let err =
+            find_binary("liftwire-no-such-server", &[PathBuf::from("/nonexistent")]).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("liftwire-no-such-server"), "{message}");
+        assert!(message.contains("deploy/setup.sh"), "{message}");
+    }
+
+    #[test]
+    fn free_ports_are_bindable() {
+        let port = free_port().unwrap();
+        assert_ne!(port, 0);
+        TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    }
+}
