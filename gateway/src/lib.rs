@@ -1,21 +1,50 @@
-//! The gateway is where devices enter the backbone. It owns the JetStream streams that hold what
-//! devices send (`LW_UPLINK`) and what gets rejected (`LW_DLQ`): it declares them at start-up with
-//! the settings of the naming contract, and reports NATS connectivity on `/readyz`.
+//! The gateway is where devices enter the backbone: an embedded MQTT broker (`rumqttd`) whose
+//! every connection is guarded ([`protocol::Guard`]), bridged to NATS.
 //!
-//! The MQTT side (embedded broker, device authentication, ACLs, the uplink/downlink bridge) is
-//! built on this skeleton; see `ARCHITECTURE.md` for the topic ↔ subject contract it implements.
+//! * Devices authenticate with per-device secrets from the [`registry`] (PostgreSQL, owned here).
+//! * What a device publishes on its own uplink topics goes, attributed to its authenticated
+//!   identity and validated, into the `LW_UPLINK` JetStream stream ([`uplink`]); anything invalid
+//!   into `LW_DLQ` with its reason.
+//! * What services publish on downlink subjects reaches exactly the addressed devices through
+//!   the broker ([`downlink`]); retained kinds come from `LW_RETAINED`.
+//! * Presence changes go to `lw.v1.presence.{building}.{device}`.
+//!
+//! No local state: several replicas serve the same fleet.
 
+pub mod acl;
+pub mod downlink;
+pub mod metrics;
+pub mod protocol;
+pub mod registry;
+pub mod session;
+pub mod uplink;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream;
-use liftwire_proto::naming::{DEAD_LETTER_STREAM, UPLINK_STREAM};
+use chrono::Utc;
+use liftwire_proto::naming::{DEAD_LETTER_STREAM, RETAINED_STREAM, UPLINK_STREAM};
 use liftwire_runtime::admin::ReadinessCheck;
+use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
 use liftwire_runtime::service::{BoxError, BuildContext, Service};
 use liftwire_runtime::RuntimeConfig;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{v4::V4, v5::V5, Disconnect, DisconnectReasonCode, Packet};
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use serde::Deserialize;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, Reason};
+use crate::protocol::Guard;
+use crate::registry::Registry;
+use crate::session::Shared;
 
 /// Configuration of the gateway.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,6 +54,10 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// NATS connection and stream settings.
     pub nats: NatsConfig,
+    /// The device registry's database.
+    pub database: DatabaseConfig,
+    /// MQTT listeners and limits.
+    pub mqtt: MqttConfig,
     /// Name of this replica in presence events and logs (defaults to the host name).
     pub gateway_id: String,
     /// How often NATS connectivity is checked for `/readyz`.
@@ -37,6 +70,8 @@ impl Default for Config {
         Self {
             runtime: RuntimeConfig::default(),
             nats: NatsConfig::default(),
+            database: DatabaseConfig::default(),
+            mqtt: MqttConfig::default(),
             gateway_id: std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "gateway".into()),
@@ -45,11 +80,155 @@ impl Default for Config {
     }
 }
 
+/// `[mqtt]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// MQTT 3.1.1 listener (port 0: a free port, logged at start-up).
+    pub listen: SocketAddr,
+    /// Optional MQTT 5 listener.
+    pub listen_v5: Option<SocketAddr>,
+    /// Largest accepted packet, and largest envelope bridged.
+    pub max_payload_bytes: usize,
+    /// Time a new connection has to send CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Connections the broker accepts.
+    pub max_connections: usize,
+    /// Extra delay before a failed login is answered (slows down guessing).
+    #[serde(with = "humantime_serde")]
+    pub auth_failure_delay: Duration,
+    /// How long a registry lookup is trusted (a revoked or rotated device is refused after this).
+    #[serde(with = "humantime_serde")]
+    pub registry_cache_ttl: Duration,
+    /// How often the registry is polled for revocations (revoked devices are disconnected).
+    #[serde(with = "humantime_serde")]
+    pub revocation_poll: Duration,
+    /// Sustained uplink messages per second per device; more are dropped and counted.
+    pub rate_limit_per_second: f64,
+    /// Uplink burst per device.
+    pub rate_limit_burst: f64,
+    /// Uplink messages queued for the bridge; when full, publishing devices are disconnected
+    /// (they keep the message in their outbox) instead of growing memory.
+    pub uplink_queue: usize,
+    /// JetStream publishes awaiting acknowledgement at once.
+    pub max_in_flight: usize,
+    /// Router commit-log segment size (bounds broker memory per subscription filter).
+    pub segment_bytes: usize,
+    /// Router commit-log segments kept.
+    pub segment_count: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            listen_v5: None,
+            max_payload_bytes: 64 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 50_000,
+            auth_failure_delay: Duration::from_secs(1),
+            registry_cache_ttl: Duration::from_secs(5),
+            revocation_poll: Duration::from_secs(1),
+            rate_limit_per_second: 50.0,
+            rate_limit_burst: 500.0,
+            uplink_queue: 20_000,
+            max_in_flight: 2_048,
+            segment_bytes: 4 * 1024 * 1024,
+            segment_count: 4,
+        }
+    }
+}
+
+/// Resolves port 0 to a concrete free port: rumqttd binds by itself and does not report it.
+fn concrete(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    std::net::TcpListener::bind(addr)?.local_addr()
+}
+
 /// The running gateway.
 pub struct Gateway {
     config: Config,
     nats: async_nats::Client,
+    js: jetstream::Context,
+    registry: Arc<Registry>,
+    shared: Arc<Shared>,
+    metrics: Metrics,
+    uplink_rx: mpsc::Receiver<session::Incoming>,
+    presence_rx: mpsc::Receiver<session::PresenceChange>,
+    links: LinkFactory,
+    servers: Vec<Listener>,
+    mqtt_addr: SocketAddr,
     nats_ready: ReadinessCheck,
+    mqtt_ready: ReadinessCheck,
+}
+
+/// Opens an in-process link into the broker under a client id (blocking until the router
+/// answers). A closure because rumqttd's router sender type cannot be named outside the crate.
+type LinkFactory = Arc<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync>;
+
+/// A listener address and how to start it.
+type Listener = (
+    SocketAddr,
+    Box<dyn FnOnce() -> tokio::task::JoinHandle<()> + Send>,
+);
+
+impl Gateway {
+    /// Address of the MQTT 3.1.1 listener.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// The device registry.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+}
+
+fn server_settings(
+    name: &str,
+    listen: SocketAddr,
+    mqtt: &MqttConfig,
+    registry: Arc<Registry>,
+    shared: Arc<Shared>,
+) -> ServerSettings {
+    let mut settings = ServerSettings {
+        name: name.into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: u16::try_from(mqtt.connect_timeout.as_millis())
+                .unwrap_or(u16::MAX),
+            max_payload_size: mqtt.max_payload_bytes,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let delay = mqtt.auth_failure_delay;
+    settings.set_auth_handler(move |client_id: String, username: String, password: String| {
+        let registry = registry.clone();
+        let shared = shared.clone();
+        async move {
+            match registry.authenticate(&client_id, &username, &password).await {
+                Ok(identity) => {
+                    shared.authenticated(identity);
+                    true
+                }
+                Err(failure) => {
+                    shared.metrics.auth_failures.get_or_create(&Reason { reason: failure.reason() }).inc();
+                    tracing::warn!(client_id = %client_id.chars().take(64).collect::<String>(), reason = failure.reason(), "login refused");
+                    tokio::time::sleep(delay).await;
+                    false
+                }
+            }
+        }
+    });
+    settings
 }
 
 impl Service for Gateway {
@@ -62,34 +241,281 @@ impl Service for Gateway {
 
     async fn build(config: Config, ctx: &BuildContext) -> Result<Self, BoxError> {
         let nats_ready = ctx.readiness.register("nats");
+        let mqtt_ready = ctx.readiness.register("mqtt");
+        let metrics = Metrics::register(&mut ctx.registry());
+        let registry = Arc::new(Registry::new(
+            config.database.pool()?,
+            config.mqtt.registry_cache_ttl,
+        ));
         let nats = liftwire_runtime::nats::connect(
             &config.nats,
             &format!("liftwire-gateway-{}", config.gateway_id),
         )
         .await?;
         let js = jetstream::new(nats.clone());
-        for spec in [&UPLINK_STREAM, &DEAD_LETTER_STREAM] {
+        for spec in [&UPLINK_STREAM, &DEAD_LETTER_STREAM, &RETAINED_STREAM] {
             ensure_stream(&js, spec, &config.nats).await?;
-            tracing::info!(stream = spec.name, subjects = ?spec.subjects, "stream declared");
+        }
+
+        let (uplink_tx, uplink_rx) = mpsc::channel(config.mqtt.uplink_queue);
+        let (presence_tx, presence_rx) = mpsc::channel(4_096);
+        let shared = Arc::new(Shared::new(
+            uplink_tx,
+            presence_tx,
+            metrics.clone(),
+            (
+                config.mqtt.rate_limit_per_second,
+                config.mqtt.rate_limit_burst,
+            ),
+        ));
+
+        let router = RouterConfig {
+            max_connections: config.mqtt.max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: config.mqtt.segment_bytes.max(1024),
+            max_segment_count: config.mqtt.segment_count.max(1),
+            ..Default::default()
+        };
+        let router_sender = Router::new(0, router).spawn();
+        let links = router_sender.clone();
+        let links: LinkFactory = Arc::new(move |client_id: &str| {
+            rumqttd::local::LinkBuilder::new(client_id, links.clone())
+                .clean_session(true)
+                .build()
+                .map(|(tx, rx, _)| (tx, rx))
+                .map_err(|e| e.to_string())
+        });
+
+        let mqtt_addr = concrete(config.mqtt.listen)?;
+        let mut servers: Vec<Listener> = Vec::new();
+        let v4 = Guard::new(V4, shared.clone(), true);
+        let mut server = Server::new(
+            server_settings(
+                "v4",
+                mqtt_addr,
+                &config.mqtt,
+                registry.clone(),
+                shared.clone(),
+            ),
+            router_sender.clone(),
+            v4,
+        );
+        servers.push((
+            mqtt_addr,
+            Box::new(move || {
+                tokio::spawn(async move {
+                    if let Err(e) = server.start(LinkType::Remote).await {
+                        tracing::error!(error = %e, "MQTT listener failed");
+                    }
+                })
+            }),
+        ));
+        if let Some(listen) = config.mqtt.listen_v5 {
+            let addr = concrete(listen)?;
+            let v5 = Guard::new(V5, shared.clone(), false);
+            let mut server = Server::new(
+                server_settings("v5", addr, &config.mqtt, registry.clone(), shared.clone()),
+                router_sender.clone(),
+                v5,
+            );
+            servers.push((
+                addr,
+                Box::new(move || {
+                    tokio::spawn(async move {
+                        if let Err(e) = server.start(LinkType::Remote).await {
+                            tracing::error!(error = %e, "MQTT 5 listener failed");
+                        }
+                    })
+                }),
+            ));
         }
         Ok(Self {
             config,
             nats,
+            js,
+            registry,
+            shared,
+            metrics,
+            uplink_rx,
+            presence_rx,
+            links,
+            servers,
+            mqtt_addr,
             nats_ready,
+            mqtt_ready,
         })
     }
 
     async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
-        tracing::info!(gateway_id = %self.config.gateway_id, "gateway running");
-        let mut tick = tokio::time::interval(self.config.readiness_interval);
+        let Gateway {
+            config,
+            nats,
+            js,
+            registry,
+            shared,
+            metrics,
+            uplink_rx,
+            presence_rx,
+            links,
+            servers,
+            mqtt_addr,
+            nats_ready,
+            mqtt_ready,
+        } = self;
+        let tasks = CancellationToken::new();
+
+        // The bridge's own link into the broker, for downlink.
+        let link = links.clone();
+        let (link_tx, link_rx) =
+            tokio::task::spawn_blocking(move || link(downlink::BRIDGE_CLIENT_ID)).await??;
+        let (to_broker, writer) = downlink::spawn_link_writer(link_tx)?;
+
+        let bridge = tokio::spawn(uplink::run(
+            uplink_rx,
+            js.clone(),
+            metrics.clone(),
+            uplink::BridgeSettings {
+                max_payload: config.mqtt.max_payload_bytes,
+                max_in_flight: config.mqtt.max_in_flight,
+                retry_backoff: Duration::from_millis(100),
+                gateway_id: config.gateway_id.clone(),
+            },
+            tasks.child_token(),
+        ));
+        let presence = tokio::spawn(uplink::presence(
+            presence_rx,
+            nats.clone(),
+            metrics.clone(),
+            config.gateway_id.clone(),
+            tasks.child_token(),
+        ));
+        let drain = tokio::spawn(downlink::drain_link(link_rx, tasks.child_token()));
+        let down = tokio::spawn({
+            let run = downlink::run(
+                nats.clone(),
+                js.clone(),
+                to_broker,
+                metrics.clone(),
+                tasks.child_token(),
+            );
+            async move {
+                if let Err(e) = run.await {
+                    tracing::error!(error = %e, "downlink bridge failed");
+                }
+            }
+        });
+        let revocations = tokio::spawn(watch_revocations(
+            registry,
+            shared.clone(),
+            links,
+            config.mqtt.revocation_poll,
+            tasks.child_token(),
+        ));
+
+        let mut listeners = Vec::new();
+        for (addr, start) in servers {
+            listeners.push(start());
+            wait_listening(addr).await?;
+            tracing::info!(%addr, "MQTT listener ready");
+        }
+        mqtt_ready.set(true);
+        tracing::info!(gateway_id = %config.gateway_id, mqtt = %mqtt_addr, "gateway running");
+
+        let mut tick = tokio::time::interval(config.readiness_interval);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.nats_ready.set(self.nats.connection_state() == State::Connected),
+                _ = tick.tick() => nats_ready.set(nats.connection_state() == State::Connected),
                 _ = shutdown.cancelled() => break,
             }
         }
-        self.nats_ready.set(false);
-        self.nats.flush().await?;
+
+        // Drain: stop accepting, refuse new publishes (devices resend elsewhere from their
+        // outbox), flush what was accepted into JetStream, then stop.
+        mqtt_ready.set(false);
+        nats_ready.set(false);
+        for listener in &listeners {
+            listener.abort();
+        }
+        shared.draining.store(true, Ordering::SeqCst);
+        for client_id in shared.connected() {
+            shared.kick(&client_id);
+        }
+        tasks.cancel();
+        let _ = bridge.await;
+        let _ = presence.await;
+        let _ = drain.await;
+        let _ = down.await;
+        let _ = revocations.await;
+        drop(shared);
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        nats.flush().await?;
         Ok(())
+    }
+}
+
+async fn wait_listening(addr: SocketAddr) -> Result<(), BoxError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("MQTT listener {addr} did not start").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls the registry for rotated and revoked devices: forgets their cached credentials and
+/// disconnects revoked ones at once (by taking over their client id in the broker).
+async fn watch_revocations(
+    registry: Arc<Registry>,
+    shared: Arc<Shared>,
+    links: LinkFactory,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut since = Utc::now() - chrono::Duration::seconds(1);
+    let mut tick = tokio::time::interval(every);
+    let mut kicked: HashMap<String, chrono::DateTime<Utc>> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        let changes = match registry.changes_since(since).await {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(error = %e, "polling the device registry failed");
+                continue;
+            }
+        };
+        for change in changes {
+            since = since.max(change.updated_at);
+            registry.forget(&change.device_id);
+            if change.revoked
+                && kicked.insert(change.device_id.clone(), change.updated_at)
+                    != Some(change.updated_at)
+                && shared.kick(&change.device_id)
+            {
+                tracing::warn!(device = %change.device_id, "device revoked: disconnecting it");
+                let link = links.clone();
+                let device = change.device_id.clone();
+                let takeover = tokio::task::spawn_blocking(move || -> Result<(), String> {
+                    let (mut tx, _rx) = link(&device)?;
+                    futures::executor::block_on(tx.send(Packet::Disconnect(
+                        Disconnect {
+                            reason_code: DisconnectReasonCode::AdministrativeAction,
+                        },
+                        None,
+                    )))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+                });
+                if let Ok(Err(e)) = takeover.await {
+                    tracing::warn!(error = %e, "disconnecting a revoked device failed");
+                }
+            }
+        }
     }
 }

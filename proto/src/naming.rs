@@ -474,6 +474,8 @@ pub struct StreamSpec {
     pub subjects: &'static [&'static str],
     /// What the stream holds.
     pub description: &'static str,
+    /// Messages kept per subject (0: no limit). 1 keeps only the latest, like MQTT retain.
+    pub max_msgs_per_subject: i64,
 }
 
 /// Everything devices send, durable (file storage), de-duplicated on [`uplink_msg_id`].
@@ -481,6 +483,7 @@ pub const UPLINK_STREAM: StreamSpec = StreamSpec {
     name: "LW_UPLINK",
     subjects: &[UPLINK_FILTER],
     description: "device uplink: telemetry, events, acknowledgements, command results",
+    max_msgs_per_subject: 0,
 };
 
 /// Messages rejected by any component, with their reason.
@@ -488,7 +491,22 @@ pub const DEAD_LETTER_STREAM: StreamSpec = StreamSpec {
     name: "LW_DLQ",
     subjects: &[DEAD_LETTER_FILTER],
     description: "dead letters: rejected messages with the reason and device id",
+    max_msgs_per_subject: 0,
 };
+
+/// The latest downlink message of each retained kind per device (and per building broadcast),
+/// so a gateway replica that starts later still hands a reconnecting screen its current content.
+pub const RETAINED_STREAM: StreamSpec = StreamSpec {
+    name: "LW_RETAINED",
+    subjects: &["lw.v1.down.*.*.screen-content", "lw.v1.down.*.*.watermark"],
+    description: "latest retained downlink message per device and kind",
+    max_msgs_per_subject: 1,
+};
+
+/// NATS subject filter matching downlink messages of `kind` for every device and building.
+pub fn downlink_kind_filter(kind: DownlinkKind) -> String {
+    format!("{NATS_ROOT}.down.*.*.{kind}")
+}
 
 #[cfg(test)]
 mod tests {
@@ -635,6 +653,16 @@ mod tests {
             device_downlink_filters(&b, &d),
             ["lw/v1/b1/scr-1/down/+", "lw/v1/b1/_all/down/+"]
         );
+    }
+
+    #[test]
+    fn retained_stream_covers_exactly_the_retained_kinds() {
+        let retained: Vec<String> = DownlinkKind::ALL
+            .iter()
+            .filter(|k| k.retained())
+            .map(|k| downlink_kind_filter(*k))
+            .collect();
+        assert_eq!(retained, RETAINED_STREAM.subjects);
     }
 
     #[test]

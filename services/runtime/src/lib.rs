@@ -6,11 +6,13 @@
 //!   propagation through NATS headers;
 //! * [`admin`]: the operator endpoints `/metrics` (Prometheus), `/healthz` and `/readyz`;
 //! * [`shutdown`]: SIGTERM/SIGINT → cancel → drain within a bounded grace period;
+//! * [`database`]: PostgreSQL pool settings;
 //! * [`nats`]: connecting to NATS and declaring the contract's JetStream streams;
 //! * [`service`]: the config → build → run shape every binary's `main` delegates to.
 
 pub mod admin;
 pub mod config;
+pub mod database;
 pub mod nats;
 pub mod observability;
 pub mod service;

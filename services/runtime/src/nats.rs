@@ -137,6 +137,7 @@ pub async fn ensure_stream(
         },
         num_replicas: config.stream_replicas,
         duplicate_window: DUPLICATE_WINDOW,
+        max_messages_per_subject: spec.max_msgs_per_subject,
         ..Default::default()
     };
     let err = |source: Box<dyn std::error::Error + Send + Sync>| NatsError::Stream {

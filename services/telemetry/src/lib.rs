@@ -9,13 +9,12 @@
 pub mod ingest;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
+use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::NatsConfig;
 use liftwire_runtime::service::{BoxError, BuildContext, Service};
 use liftwire_runtime::RuntimeConfig;
 use serde::Deserialize;
-use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 /// Embedded schema migrations (`services/telemetry/migrations`).
@@ -33,39 +32,6 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Ingest tuning.
     pub ingest: ingest::IngestConfig,
-}
-
-/// `[database]` settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseConfig {
-    /// PostgreSQL URL, e.g. `postgres://liftwire@127.0.0.1:5432/liftwire`.
-    pub url: String,
-    /// Connections in the pool.
-    pub max_connections: u32,
-    /// How long to wait for a pooled connection.
-    #[serde(with = "humantime_serde")]
-    pub acquire_timeout: Duration,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: "postgres://liftwire@127.0.0.1:5432/liftwire".into(),
-            max_connections: 8,
-            acquire_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-impl DatabaseConfig {
-    /// A lazily connecting pool: the service starts while PostgreSQL is still down.
-    pub fn pool(&self) -> Result<sqlx::PgPool, sqlx::Error> {
-        PgPoolOptions::new()
-            .max_connections(self.max_connections)
-            .acquire_timeout(self.acquire_timeout)
-            .connect_lazy(&self.url)
-    }
 }
 
 /// The running service.

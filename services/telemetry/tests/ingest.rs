@@ -10,10 +10,10 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use liftwire_proto::naming::{uplink_msg_id, Uplink, DEAD_LETTER_STREAM, UPLINK_STREAM};
 use liftwire_proto::{v1, Message, SCHEMA_VERSION};
+use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::NatsConfig;
 use liftwire_runtime::service::BuildContext;
 use liftwire_telemetry::ingest::{Ingest, IngestConfig};
-use liftwire_telemetry::DatabaseConfig;
 use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 

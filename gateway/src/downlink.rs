@@ -1,0 +1,278 @@
+//! The downlink bridge: messages services publish on NATS reach exactly the addressed device (or
+//! every device of a building) through the embedded broker, via one reserved in-process link.
+//!
+//! Every gateway replica delivers every downlink message to the devices connected to it, so a
+//! device is reached whichever replica holds its connection. Retained kinds (screen content,
+//! watermarks) come from the `LW_RETAINED` stream, last message per subject first, so a replica
+//! that starts later still has the current content for screens that (re)connect.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use liftwire_proto::naming::{downlink_kind_filter, Downlink, DownlinkKind, RETAINED_STREAM};
+use liftwire_proto::{v1, Message};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{v4::V4, Packet, Protocol};
+use rumqttd::Notification;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Kind, Metrics, Reason};
+
+/// Client id of the gateway's own link into the broker. Device ids cannot start with `_`, so no
+/// device can authenticate as (or take over) this link.
+pub const BRIDGE_CLIENT_ID: &str = "_liftwire-bridge";
+
+/// Why a downlink message is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DownlinkError {
+    /// The subject is not a downlink subject of the contract.
+    #[error(transparent)]
+    Subject(#[from] liftwire_proto::naming::NameError),
+    /// The payload is not a `Downlink` of the subject's kind.
+    #[error("payload is not a liftwire.v1.Downlink of kind {0}")]
+    Payload(&'static str),
+}
+
+impl DownlinkError {
+    fn reason(&self) -> &'static str {
+        match self {
+            DownlinkError::Subject(_) => "subject",
+            DownlinkError::Payload(_) => "payload",
+        }
+    }
+}
+
+/// Builds the broker packet for a downlink message: QoS 1, retained for retained kinds. An empty
+/// payload on a retained kind clears the retained message.
+pub fn packet(
+    subject: &str,
+    payload: Bytes,
+    pkid: u16,
+) -> Result<(DownlinkKind, Packet), DownlinkError> {
+    let down = Downlink::from_nats_subject(subject)?;
+    let clearing = payload.is_empty() && down.kind.retained();
+    if !clearing {
+        let decoded = v1::Downlink::decode(payload.as_ref())
+            .map_err(|_| DownlinkError::Payload(down.kind.as_str()))?;
+        if decoded.kind() != Some(down.kind) {
+            return Err(DownlinkError::Payload(down.kind.as_str()));
+        }
+    }
+    let topic = down.mqtt_topic();
+    // rumqttd only builds QoS 0 publishes for local links; encode a QoS 1 PUBLISH and let its own
+    // codec parse it, so devices get at-least-once delivery of commands and content.
+    let mut raw = BytesMut::with_capacity(topic.len() + payload.len() + 8);
+    let remaining = 2 + topic.len() + 2 + payload.len();
+    raw.put_u8(0x30 | 0b010 | u8::from(down.kind.retained()));
+    let mut len = remaining;
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        raw.put_u8(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    raw.put_u16(topic.len() as u16);
+    raw.put_slice(topic.as_bytes());
+    raw.put_u16(pkid.max(1));
+    raw.put_slice(&payload);
+    let packet = V4
+        .read_mut(&mut raw, usize::MAX)
+        .map_err(|_| DownlinkError::Payload(down.kind.as_str()))?;
+    Ok((down.kind, packet))
+}
+
+/// Feeds the broker from a dedicated thread: rumqttd's link calls block on the router channel.
+pub fn spawn_link_writer(
+    mut link_tx: LinkTx,
+) -> std::io::Result<(mpsc::Sender<Packet>, std::thread::JoinHandle<()>)> {
+    let (tx, mut rx) = mpsc::channel::<Packet>(4096);
+    let handle = std::thread::Builder::new()
+        .name("liftwire-downlink".into())
+        .spawn(move || {
+            while let Some(packet) = rx.blocking_recv() {
+                if let Err(e) = futures::executor::block_on(link_tx.send(packet)) {
+                    tracing::error!(error = %e, "the broker refused a downlink message; stopping downlink");
+                    break;
+                }
+            }
+        })?;
+    Ok((tx, handle))
+}
+
+/// Drains the link's notifications (acks) and answers `Unschedule`, without which the router
+/// stops serving the link after ~200 buffered notifications.
+pub async fn drain_link(mut link_rx: LinkRx, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            notification = link_rx.next() => match notification {
+                Ok(Some(Notification::Unschedule)) => {
+                    if link_rx.wake().await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker link closed");
+                    break;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        }
+    }
+}
+
+/// Forwards downlink messages from NATS into the broker until `shutdown`.
+pub async fn run(
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    to_broker: mpsc::Sender<Packet>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut live = futures::stream::select_all(Vec::new());
+    for kind in DownlinkKind::ALL.iter().filter(|k| !k.retained()) {
+        live.push(nats.subscribe(downlink_kind_filter(*kind)).await?);
+    }
+    // Last message per subject first, then live: one ordered consumer per retained kind (a
+    // last-per-subject consumer needs a filter inside the stream's subjects).
+    let retained_stream = js.get_stream(RETAINED_STREAM.name).await?;
+    let mut retained = futures::stream::select_all(Vec::new());
+    for kind in DownlinkKind::ALL.iter().filter(|k| k.retained()) {
+        let consumer = retained_stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                filter_subject: downlink_kind_filter(*kind),
+                ..Default::default()
+            })
+            .await?;
+        retained.push(consumer.messages().await?);
+    }
+    let mut pkid: u16 = 0;
+    loop {
+        let (subject, payload) = tokio::select! {
+            Some(message) = live.next() => (message.subject, message.payload),
+            message = retained.next() => match message {
+                Some(Ok(message)) => (message.subject.clone(), message.payload.clone()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "retained downlink consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                None => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        pkid = pkid.wrapping_add(1).max(1);
+        match packet(&subject, payload, pkid) {
+            Ok((kind, packet)) => {
+                if to_broker.send(packet).await.is_err() {
+                    break;
+                }
+                metrics
+                    .downlink_messages
+                    .get_or_create(&Kind {
+                        kind: kind.as_str(),
+                    })
+                    .inc();
+            }
+            Err(e) => {
+                metrics
+                    .downlink_rejects
+                    .get_or_create(&Reason { reason: e.reason() })
+                    .inc();
+                tracing::warn!(subject = %subject, error = %e, "refusing a downlink message");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn downlink(body: v1::downlink::Body) -> Bytes {
+        v1::Downlink {
+            message_id: "m".into(),
+            issued_at: None,
+            body: Some(body),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    #[test]
+    fn builds_qos1_packets_retained_by_kind() {
+        let payload = downlink(v1::downlink::Body::Watermark(v1::Watermark {
+            persisted_seq: 7,
+        }));
+        let (kind, built) = packet("lw.v1.down.b1.elev-1.watermark", payload.clone(), 9).unwrap();
+        assert_eq!(kind, DownlinkKind::Watermark);
+        let Packet::Publish(publish, None) = built else {
+            panic!("a publish")
+        };
+        assert_eq!(publish.topic.as_ref(), b"lw/v1/b1/elev-1/down/watermark");
+        assert_eq!(publish.payload, payload);
+        assert!(publish.retain);
+        assert_eq!(publish.serialize()[0] & 0b0110, 0b0010, "QoS 1");
+
+        let command = downlink(v1::downlink::Body::Command(v1::Command::default()));
+        let (_, Packet::Publish(publish, _)) =
+            packet("lw.v1.down.b1.elev-1.command", command, 1).unwrap()
+        else {
+            panic!("a publish")
+        };
+        assert!(!publish.retain);
+    }
+
+    #[test]
+    fn large_payloads_encode_their_length() {
+        let content = v1::ScreenContent {
+            body_text: "x".repeat(70_000),
+            ..Default::default()
+        };
+        let payload = downlink(v1::downlink::Body::ScreenContent(content));
+        let (_, Packet::Publish(publish, _)) =
+            packet("lw.v1.down.b1._all.screen-content", payload.clone(), 1).unwrap()
+        else {
+            panic!("a publish")
+        };
+        assert_eq!(publish.payload, payload);
+        assert_eq!(publish.topic.as_ref(), b"lw/v1/b1/_all/down/screen-content");
+    }
+
+    #[test]
+    fn refuses_foreign_subjects_and_mismatched_payloads() {
+        let watermark = downlink(v1::downlink::Body::Watermark(v1::Watermark {
+            persisted_seq: 7,
+        }));
+        assert_eq!(
+            packet("lw.v1.down.b1.elev-1.command", watermark.clone(), 1)
+                .unwrap_err()
+                .reason(),
+            "payload"
+        );
+        assert_eq!(
+            packet("lw.v1.down.b1.*.watermark", watermark.clone(), 1)
+                .unwrap_err()
+                .reason(),
+            "subject"
+        );
+        assert_eq!(
+            packet("lw.v1.down.b1.elev-1.command", Bytes::new(), 1)
+                .unwrap_err()
+                .reason(),
+            "payload"
+        );
+        // An empty retained message clears the retained content.
+        assert!(packet("lw.v1.down.b1.elev-1.screen-content", Bytes::new(), 1).is_ok());
+    }
+}

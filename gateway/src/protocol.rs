@@ -1,0 +1,273 @@
+//! The guard around rumqttd's MQTT codec. rumqttd clones the protocol once per connection, so
+//! this wrapper sees every packet of exactly one client and closes the gaps rumqttd leaves:
+//!
+//! * access rules: a device publishes only on its own uplink topics and subscribes only to its
+//!   own (and its building's broadcast) downlink topics; a violation closes the connection;
+//! * attribution: an accepted uplink publish is handed to the bridge with the authenticated
+//!   identity, and rewritten to a `$`-topic that the router matches to nobody, so the broker
+//!   neither stores nor forwards device data (its memory holds downlink only);
+//! * v5 → v4: publish properties are never written to a v4 client (rumqttd's v4 writer panics on
+//!   them);
+//! * presence: CONNACK marks the device online, the end of the connection offline;
+//! * per-device rate limit, revocation kicks and drain refusal.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use liftwire_proto::v1::{DisconnectReason, PresenceState};
+use rumqttd::protocol::{ConnectReturnCode, Error, Packet, Protocol};
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::acl;
+use crate::metrics::Reason;
+use crate::session::{Incoming, PresenceChange, Session, Shared};
+
+/// The topic accepted uplink publishes are rewritten to before the router sees them. No
+/// subscription can match a `$` topic, so the router acknowledges and drops them.
+pub const BRIDGED_TOPIC: &[u8] = b"$liftwire/bridged";
+
+/// A token bucket: `rate` tokens per second, at most `burst`.
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, rate: f64, burst: f64) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Connection {
+    client_id: Option<String>,
+    session: Option<Session>,
+    online: bool,
+    graceful: bool,
+    bucket: Bucket,
+}
+
+/// The per-connection guard; `P` is rumqttd's v4 or v5 codec.
+pub struct Guard<P> {
+    inner: P,
+    shared: Arc<Shared>,
+    /// Whether the client speaks MQTT 3.1.1 (its writer must never see properties).
+    v4: bool,
+    conn: Mutex<Connection>,
+}
+
+impl<P> Guard<P> {
+    /// A guard prototype for a listener; rumqttd clones it for each connection.
+    pub fn new(inner: P, shared: Arc<Shared>, v4: bool) -> Self {
+        let burst = shared.rate_limit.1;
+        Self {
+            inner,
+            shared,
+            v4,
+            conn: Mutex::new(Connection {
+                client_id: None,
+                session: None,
+                online: false,
+                graceful: false,
+                bucket: Bucket {
+                    tokens: burst,
+                    last: Instant::now(),
+                },
+            }),
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn violation(&self, violation: acl::Violation) -> Error {
+        let client = self.conn().client_id.clone().unwrap_or_default();
+        self.shared
+            .metrics
+            .acl_violations
+            .get_or_create(&Reason {
+                reason: violation.reason(),
+            })
+            .inc();
+        tracing::warn!(device = %client, reason = violation.reason(), error = %violation, "closing connection: access rule broken");
+        Error::InvalidProtocol
+    }
+
+    fn drop_uplink(&self, reason: &'static str) {
+        self.shared
+            .metrics
+            .uplink_dropped
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+}
+
+impl<P: Clone> Clone for Guard<P> {
+    /// A fresh guard for a new connection (no state is shared between connections).
+    fn clone(&self) -> Self {
+        Guard::new(self.inner.clone(), self.shared.clone(), self.v4)
+    }
+}
+
+impl<P> Drop for Guard<P> {
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let (Some(client_id), Some(session)) = (conn.client_id.as_deref(), conn.session.as_ref())
+        else {
+            return;
+        };
+        self.shared.closed(client_id, session);
+        if conn.online {
+            self.shared.metrics.connections.dec();
+            let reason = if session.kicked.load(Ordering::SeqCst) {
+                DisconnectReason::Kicked
+            } else if conn.graceful {
+                DisconnectReason::Graceful
+            } else {
+                DisconnectReason::ConnectionLost
+            };
+            self.shared.presence(PresenceChange {
+                identity: session.identity.clone(),
+                state: PresenceState::Offline,
+                reason,
+            });
+        }
+    }
+}
+
+impl<P: Protocol> Protocol for Guard<P> {
+    fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
+        let header = stream.first().copied();
+        let packet = self.inner.read_mut(stream, max_size)?;
+        let session = {
+            let mut conn = self.conn();
+            if conn.session.is_none() {
+                if let Some(id) = conn.client_id.as_deref() {
+                    conn.session = self.shared.session(id);
+                }
+            }
+            conn.session.clone()
+        };
+        if session
+            .as_ref()
+            .is_some_and(|s| s.kicked.load(Ordering::SeqCst))
+        {
+            return Err(Error::InvalidProtocol);
+        }
+        match packet {
+            Packet::Connect(connect, properties, will, _, login) => {
+                if let Some(will) = will {
+                    // Presence is reported by the gateway itself; a will could only publish
+                    // unchecked data through the router.
+                    tracing::debug!(topic = ?will.topic, "last will ignored: the gateway reports presence");
+                }
+                self.conn().client_id = Some(connect.client_id.clone());
+                Ok(Packet::Connect(connect, properties, None, None, login))
+            }
+            Packet::Publish(mut publish, _properties) => {
+                let Some(session) = session else {
+                    return Err(Error::InvalidProtocol);
+                };
+                let topic = std::str::from_utf8(&publish.topic).map_err(|_| Error::TopicNotUtf8)?;
+                let uplink =
+                    acl::check_publish(&session.identity, topic).map_err(|v| self.violation(v))?;
+                let qos = header.map_or(0, |h| (h >> 1) & 0b11);
+                let (rate, burst) = self.shared.rate_limit;
+                if self.shared.draining.load(Ordering::SeqCst) {
+                    // Close: the device resends from its outbox to another replica.
+                    self.drop_uplink("draining");
+                    return Err(Error::InvalidProtocol);
+                }
+                if !self.conn().bucket.take(rate, burst) {
+                    self.drop_uplink("rate_limited");
+                } else {
+                    let span = tracing::info_span!("mqtt_ingress", device = %session.identity.device, kind = uplink.kind.as_str());
+                    let incoming = Incoming {
+                        identity: session.identity.clone(),
+                        uplink,
+                        payload: std::mem::take(&mut publish.payload),
+                        qos,
+                        received: Instant::now(),
+                        span,
+                    };
+                    match self.shared.uplink.try_send(incoming) {
+                        Ok(()) => {
+                            self.shared.metrics.uplink_queue_depth.inc();
+                        }
+                        Err(TrySendError::Full(_)) => {
+                            // Backpressure: no PUBACK, the connection closes, the device keeps
+                            // the message in its outbox and resends after reconnecting.
+                            self.drop_uplink("queue_full");
+                            return Err(Error::InvalidProtocol);
+                        }
+                        Err(TrySendError::Closed(_)) => {
+                            self.drop_uplink("bridge_stopped");
+                            return Err(Error::InvalidProtocol);
+                        }
+                    }
+                }
+                publish.topic = Bytes::from_static(BRIDGED_TOPIC);
+                publish.retain = false;
+                Ok(Packet::Publish(publish, None))
+            }
+            Packet::Subscribe(subscribe, properties) => {
+                let Some(session) = session else {
+                    return Err(Error::InvalidProtocol);
+                };
+                for filter in &subscribe.filters {
+                    acl::check_subscribe(&session.identity, &filter.path)
+                        .map_err(|v| self.violation(v))?;
+                }
+                Ok(Packet::Subscribe(subscribe, properties))
+            }
+            Packet::Disconnect(disconnect, properties) => {
+                self.conn().graceful = true;
+                Ok(Packet::Disconnect(disconnect, properties))
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error> {
+        let packet = match packet {
+            Packet::ConnAck(ack, properties) => {
+                if ack.code == ConnectReturnCode::Success {
+                    let mut conn = self.conn();
+                    if !conn.online {
+                        if let Some(session) = conn
+                            .client_id
+                            .as_deref()
+                            .and_then(|id| self.shared.session(id))
+                        {
+                            conn.online = true;
+                            self.shared.metrics.connections.inc();
+                            self.shared.presence(PresenceChange {
+                                identity: session.identity.clone(),
+                                state: PresenceState::Online,
+                                reason: DisconnectReason::Unspecified,
+                            });
+                            conn.session = Some(session);
+                        }
+                    }
+                }
+                Packet::ConnAck(ack, properties)
+            }
+            // rumqttd's v4 writer panics on properties; a v4 client never gets any.
+            Packet::Publish(publish, _) if self.v4 => Packet::Publish(publish, None),
+            other => other,
+        };
+        self.inner.write(packet, write)
+    }
+}

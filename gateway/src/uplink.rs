@@ -1,0 +1,312 @@
+//! The uplink bridge: validated device messages into JetStream, invalid ones into the
+//! dead-letter stream, presence changes onto NATS.
+
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use liftwire_proto::naming::{dead_letter_subject, presence_subject, uplink_msg_id};
+use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
+use liftwire_runtime::observability::inject_trace_context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Kind, Metrics, Reason};
+use crate::session::{Incoming, PresenceChange};
+
+/// Why a device message was dead-lettered.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    /// Larger than the configured limit.
+    #[error("payload of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// Not a protobuf `Envelope`.
+    #[error("payload is not a liftwire.v1.Envelope: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// Unsupported schema version.
+    #[error("schema version {0} is not supported")]
+    SchemaVersion(u32),
+    /// The envelope claims another device than the authenticated connection.
+    #[error("envelope device id {claimed:?} is not the authenticated device {authenticated:?}")]
+    DeviceMismatch {
+        /// What the payload says.
+        claimed: String,
+        /// Who is connected.
+        authenticated: String,
+    },
+    /// The body does not match the topic's kind (or is missing).
+    #[error("body kind {body:?} does not match the topic kind {topic}")]
+    KindMismatch {
+        /// The body's kind, if any.
+        body: Option<&'static str>,
+        /// The topic's kind.
+        topic: &'static str,
+    },
+    /// Sequence numbers start at 1.
+    #[error("sequence number 0")]
+    ZeroSequence,
+    /// The device clock is absent or implausible.
+    #[error("device time {0} is implausible")]
+    Timestamp(String),
+}
+
+impl Rejection {
+    /// Metric and dead-letter reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::TooLarge(_) => "too_large",
+            Rejection::Decode(_) => "decode",
+            Rejection::SchemaVersion(_) => "schema_version",
+            Rejection::DeviceMismatch { .. } => "device_mismatch",
+            Rejection::KindMismatch { .. } => "kind_mismatch",
+            Rejection::ZeroSequence => "zero_sequence",
+            Rejection::Timestamp(_) => "timestamp",
+        }
+    }
+}
+
+/// Device clocks later than this ahead of the gateway are rejected (the envelope is suspect);
+/// late clocks are accepted (a device replays its outbox after a long partition).
+pub const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(24 * 3600);
+/// Device times before this (2020-01-01) mean an unset clock.
+pub const EARLIEST_DEVICE_TIME: i64 = 1_577_836_800;
+
+/// Checks an accepted publish's payload; returns the envelope's sequence number.
+pub fn validate(
+    incoming: &Incoming,
+    max_payload: usize,
+    now: SystemTime,
+) -> Result<u64, Rejection> {
+    if incoming.payload.len() > max_payload {
+        return Err(Rejection::TooLarge(incoming.payload.len()));
+    }
+    let envelope = v1::Envelope::decode(incoming.payload.as_ref())?;
+    if envelope.schema_version != SCHEMA_VERSION {
+        return Err(Rejection::SchemaVersion(envelope.schema_version));
+    }
+    if envelope.device_id != incoming.identity.device.as_str() {
+        return Err(Rejection::DeviceMismatch {
+            claimed: envelope.device_id,
+            authenticated: incoming.identity.device.to_string(),
+        });
+    }
+    let body = envelope.kind();
+    if body != Some(incoming.uplink.kind) {
+        return Err(Rejection::KindMismatch {
+            body: body.map(|k| k.as_str()),
+            topic: incoming.uplink.kind.as_str(),
+        });
+    }
+    if envelope.seq == 0 {
+        return Err(Rejection::ZeroSequence);
+    }
+    let now_s = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    match envelope.device_time {
+        Some(t)
+            if t.seconds >= EARLIEST_DEVICE_TIME
+                && t.seconds <= now_s + MAX_CLOCK_AHEAD.as_secs() as i64 => {}
+        other => return Err(Rejection::Timestamp(format!("{other:?}"))),
+    }
+    Ok(envelope.seq)
+}
+
+fn now_timestamp() -> Timestamp {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: now.as_secs() as i64,
+        nanos: now.subsec_nanos() as i32,
+    }
+}
+
+/// Bridge settings.
+#[derive(Debug, Clone)]
+pub struct BridgeSettings {
+    /// Largest accepted envelope.
+    pub max_payload: usize,
+    /// JetStream publishes awaiting their ack at once.
+    pub max_in_flight: usize,
+    /// First retry delay after a failed publish (doubles up to 5 s).
+    pub retry_backoff: Duration,
+    /// This gateway's name in presence events.
+    pub gateway_id: String,
+}
+
+struct Pending {
+    incoming: Incoming,
+    seq: u64,
+    attempt: u32,
+}
+
+/// Runs the uplink bridge until `shutdown`, then drains what is queued and in flight.
+pub async fn run(
+    mut rx: mpsc::Receiver<Incoming>,
+    js: jetstream::Context,
+    metrics: Metrics,
+    settings: BridgeSettings,
+    shutdown: CancellationToken,
+) {
+    let dead_letters = dead_letter_subject("gateway").unwrap_or_default();
+    let mut in_flight = FuturesUnordered::new();
+    let mut retry: VecDeque<Pending> = VecDeque::new();
+    let mut closing = false;
+    let mut rx_open = true;
+    loop {
+        // Retries first, in order, as long as there is room.
+        while in_flight.len() < settings.max_in_flight {
+            let Some(pending) = retry.pop_front() else {
+                break;
+            };
+            in_flight.push(publish(&js, pending));
+        }
+        let room = in_flight.len() < settings.max_in_flight && retry.is_empty();
+        tokio::select! {
+            biased;
+            Some((pending, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                match result {
+                    Ok(elapsed) => {
+                        metrics.jetstream_publish_seconds.observe(elapsed);
+                        metrics.uplink_messages.get_or_create(&Kind { kind: pending.incoming.uplink.kind.as_str() }).inc();
+                    }
+                    Err(e) => {
+                        metrics.jetstream_retries.inc();
+                        let delay = settings.retry_backoff.saturating_mul(1 << pending.attempt.min(6)).min(Duration::from_secs(5));
+                        tracing::warn!(error = %e, device = %pending.incoming.identity.device, seq = pending.seq, retry_in = ?delay, "JetStream publish failed; retrying with the same message id");
+                        tokio::time::sleep(delay).await;
+                        retry.push_back(Pending { attempt: pending.attempt + 1, ..pending });
+                    }
+                }
+            }
+            received = rx.recv(), if room && rx_open => {
+                let Some(incoming) = received else {
+                    rx_open = false;
+                    continue;
+                };
+                metrics.uplink_queue_depth.dec();
+                match validate(&incoming, settings.max_payload, SystemTime::now()) {
+                    Ok(seq) => in_flight.push(publish(&js, Pending { incoming, seq, attempt: 0 })),
+                    Err(rejection) => dead_letter(&js, &dead_letters, &metrics, incoming, rejection).await,
+                }
+            }
+            _ = shutdown.cancelled(), if !closing => {
+                // Stop taking new work only once the queue is empty: close it and drain.
+                closing = true;
+                rx.close();
+            }
+        }
+        if !rx_open && in_flight.is_empty() && retry.is_empty() {
+            break;
+        }
+    }
+    tracing::info!("uplink bridge drained");
+}
+
+type PublishResult = (
+    Pending,
+    Result<f64, Box<dyn std::error::Error + Send + Sync>>,
+);
+
+async fn publish(js: &jetstream::Context, pending: Pending) -> PublishResult {
+    let started = std::time::Instant::now();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        uplink_msg_id(&pending.incoming.identity.device, pending.seq).as_str(),
+    );
+    inject_trace_context(&pending.incoming.span, &mut headers);
+    let subject = pending.incoming.uplink.nats_subject();
+    let sent: Result<PublishAckFuture, _> = js
+        .publish_with_headers(subject, headers, pending.incoming.payload.clone())
+        .await;
+    let result = match sent {
+        Ok(ack) => ack
+            .await
+            .map(|_| started.elapsed().as_secs_f64())
+            .map_err(Into::into),
+        Err(e) => Err(e.into()),
+    };
+    (pending, result)
+}
+
+async fn dead_letter(
+    js: &jetstream::Context,
+    subject: &str,
+    metrics: &Metrics,
+    incoming: Incoming,
+    rejection: Rejection,
+) {
+    let reason = rejection.reason();
+    metrics
+        .uplink_rejects
+        .get_or_create(&Reason { reason })
+        .inc();
+    tracing::warn!(parent: &incoming.span, device = %incoming.identity.device, reason, error = %rejection, "dead-lettering an uplink message");
+    let letter = v1::DeadLetter {
+        source: "gateway".into(),
+        reason: reason.into(),
+        detail: rejection.to_string(),
+        device_id: incoming.identity.device.to_string(),
+        origin: incoming.uplink.mqtt_topic(),
+        payload: incoming
+            .payload
+            .slice(..incoming.payload.len().min(4096))
+            .to_vec(),
+        at: Some(now_timestamp()),
+    };
+    let stored = match js
+        .publish(subject.to_owned(), letter.encode_to_vec().into())
+        .await
+    {
+        Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = stored {
+        tracing::error!(error = %e, device = %incoming.identity.device, "could not store a dead letter");
+    }
+}
+
+/// Publishes presence changes on NATS until `shutdown`.
+pub async fn presence(
+    mut rx: mpsc::Receiver<PresenceChange>,
+    nats: async_nats::Client,
+    metrics: Metrics,
+    gateway_id: String,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let change = tokio::select! {
+            change = rx.recv() => change,
+            _ = shutdown.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(change) = change else { break };
+        let state = match change.state {
+            v1::PresenceState::Online => "online",
+            _ => "offline",
+        };
+        let message = v1::Presence {
+            device_id: change.identity.device.to_string(),
+            building_id: change.identity.building.to_string(),
+            state: change.state as i32,
+            reason: change.reason as i32,
+            at: Some(now_timestamp()),
+            gateway_id: gateway_id.clone(),
+        };
+        let subject = presence_subject(&change.identity.building, &change.identity.device);
+        match nats.publish(subject, message.encode_to_vec().into()).await {
+            Ok(()) => {
+                metrics
+                    .presence_events
+                    .get_or_create(&Kind { kind: state })
+                    .inc();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, device = %change.identity.device, "publishing presence failed")
+            }
+        }
+    }
+}

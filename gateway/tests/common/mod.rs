@@ -1,0 +1,268 @@
+//! A gateway on real servers, and MQTT devices to talk to it.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use liftwire_gateway::registry::Registry;
+use liftwire_gateway::{Config, Gateway, MqttConfig};
+use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
+use liftwire_runtime::database::DatabaseConfig;
+use liftwire_runtime::nats::NatsConfig;
+use liftwire_runtime::service::{BuildContext, Service};
+use liftwire_testkit::{Nats, Postgres};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A running gateway replica.
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub ctx: BuildContext,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+    pub registry: Arc<Registry>,
+}
+
+impl Replica {
+    pub async fn start(nats: &Nats, pg: &Postgres, name: &str) -> Self {
+        let config = Config {
+            nats: NatsConfig {
+                url: nats.url(),
+                ..Default::default()
+            },
+            database: DatabaseConfig {
+                url: pg.url(),
+                ..Default::default()
+            },
+            mqtt: MqttConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                auth_failure_delay: Duration::from_millis(20),
+                registry_cache_ttl: Duration::from_millis(500),
+                revocation_poll: Duration::from_millis(100),
+                ..Default::default()
+            },
+            gateway_id: name.into(),
+            readiness_interval: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let ctx = BuildContext::new();
+        let gateway = Gateway::build(config, &ctx).await.expect("gateway builds");
+        let addr = gateway.mqtt_addr();
+        let registry = gateway.registry();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { gateway.run(stop).await.expect("gateway runs") }
+        });
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !ctx.readiness.not_ready().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway never ready: {:?}",
+                ctx.readiness.not_ready()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Replica {
+            addr,
+            ctx,
+            stop,
+            task,
+            registry,
+        }
+    }
+
+    /// The replica's metrics in Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let state = self.ctx.admin_state();
+        let registry = state.registry.read().unwrap();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+/// Servers plus a migrated registry.
+pub async fn servers() -> (Nats, Postgres) {
+    let nats = Nats::start().expect("nats");
+    let pg = Postgres::start().await.expect("postgres");
+    let pool = pg.pool().await.unwrap();
+    liftwire_gateway::registry::migrate(&pool)
+        .await
+        .expect("registry migrates");
+    pool.close().await;
+    (nats, pg)
+}
+
+/// What a test device observed.
+#[derive(Debug)]
+pub enum Seen {
+    Connected,
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    },
+    Closed(String),
+}
+
+/// An MQTT device (rumqttc) whose event loop runs in the background.
+pub struct Device {
+    pub client: AsyncClient,
+    pub seen: mpsc::UnboundedReceiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    /// Connects; the event loop stops at the first connection error (no reconnect).
+    pub fn connect(addr: SocketAddr, client_id: &str, username: &str, password: &str) -> Self {
+        let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_credentials(username, password);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (tx, seen) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = tx.send(Seen::Connected);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(Seen::Message {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Seen::Closed(describe(&e)));
+                        break;
+                    }
+                }
+            }
+        });
+        Device { client, seen, task }
+    }
+
+    /// Waits for the next observation.
+    pub async fn next(&mut self) -> Seen {
+        tokio::time::timeout(WAIT, self.seen.recv())
+            .await
+            .expect("an MQTT event in time")
+            .expect("event loop alive")
+    }
+
+    /// Waits until connected, panicking if the connection is refused.
+    pub async fn connected(mut self) -> Self {
+        match self.next().await {
+            Seen::Connected => self,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Waits for the connection to close; returns why.
+    pub async fn closed(&mut self) -> String {
+        loop {
+            if let Seen::Closed(why) = self.next().await {
+                return why;
+            }
+        }
+    }
+
+    /// Waits for the next message.
+    pub async fn message(&mut self) -> (String, Vec<u8>, bool) {
+        loop {
+            match self.next().await {
+                Seen::Message {
+                    topic,
+                    payload,
+                    retain,
+                } => return (topic, payload, retain),
+                Seen::Closed(why) => panic!("closed while waiting for a message: {why}"),
+                Seen::Connected => {}
+            }
+        }
+    }
+
+    /// Whether a message arrives within `within`.
+    pub async fn quiet_for(&mut self, within: Duration) -> bool {
+        loop {
+            match tokio::time::timeout(within, self.seen.recv()).await {
+                Err(_) => return true,
+                Ok(Some(Seen::Message { .. })) => return false,
+                Ok(Some(_)) => {}
+                Ok(None) => return true,
+            }
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    pub async fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn describe(e: &ConnectionError) -> String {
+    e.to_string()
+}
+
+/// A valid envelope from `device` with sequence number `seq`.
+pub fn envelope(device: &str, seq: u64) -> Vec<u8> {
+    v1::Envelope {
+        schema_version: SCHEMA_VERSION,
+        device_id: device.into(),
+        seq,
+        device_time: Some(Timestamp {
+            seconds: 1_795_000_000,
+            nanos: 0,
+        }),
+        body: Some(v1::envelope::Body::Event(v1::Event {
+            kind: Some(v1::event::Kind::AlarmButtonPressed(
+                v1::AlarmButtonPressed {},
+            )),
+        })),
+    }
+    .encode_to_vec()
+}
+
+/// Installs the binaries' real tracing setup once per test process, so spans carry OpenTelemetry
+/// context (and `traceparent` headers) as they do in production.
+pub fn tracing_with_opentelemetry() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let config = liftwire_runtime::observability::ObservabilityConfig {
+            log_filter: "off".into(),
+            ..Default::default()
+        };
+        let guard = liftwire_runtime::observability::init("gateway-test", &config, None)
+            .expect("tracing installs");
+        // Kept for the whole test process.
+        std::mem::forget(guard);
+    });
+}

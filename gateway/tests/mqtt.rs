@@ -1,0 +1,402 @@
+//! The gateway against real MQTT clients, a real nats-server (JetStream) and a real PostgreSQL
+//! registry: each of rumqttd's gaps the gateway closes is proven here.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::{envelope, servers, Device, Replica, WAIT};
+use futures::StreamExt;
+use liftwire_gateway::acl::DeviceKind;
+use liftwire_proto::naming::{BuildingId, DeviceId, DEAD_LETTER_STREAM, UPLINK_STREAM};
+use liftwire_proto::{v1, Message};
+
+async fn provision(replica: &Replica, building: &str, device: &str, kind: DeviceKind) -> String {
+    replica
+        .registry
+        .provision(
+            &BuildingId::new(building).unwrap(),
+            &DeviceId::new(device).unwrap(),
+            kind,
+        )
+        .await
+        .unwrap()
+}
+
+async fn stream_messages(
+    js: &jetstream::Context,
+    stream: &str,
+    expected: usize,
+) -> Vec<jetstream::Message> {
+    let stream = js.get_stream(stream).await.unwrap();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while out.len() < expected && tokio::time::Instant::now() < deadline {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(100)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(message) = batch.next().await {
+            out.push(message.unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_uplink_lands_in_jetstream_attributed_and_deduplicated() {
+    common::tracing_with_opentelemetry();
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let client = nats.client().await.unwrap();
+    let mut presence = client.subscribe("lw.v1.presence.b1.elev-1").await.unwrap();
+    client.flush().await.unwrap();
+
+    let device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    let online = tokio::time::timeout(WAIT, presence.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let online = v1::Presence::decode(online.payload.as_ref()).unwrap();
+    assert_eq!(
+        (online.state(), online.gateway_id.as_str()),
+        (v1::PresenceState::Online, "gw-1")
+    );
+
+    device
+        .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 1))
+        .await;
+    // The same sequence number again (a resend): JetStream keeps one copy.
+    device
+        .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 1))
+        .await;
+    device
+        .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 2))
+        .await;
+
+    let js = jetstream::new(client.clone());
+    let stored = stream_messages(&js, UPLINK_STREAM.name, 2).await;
+    assert_eq!(stored.len(), 2);
+    let seqs: Vec<u64> = stored
+        .iter()
+        .map(|m| v1::Envelope::decode(m.payload.as_ref()).unwrap().seq)
+        .collect();
+    assert_eq!(
+        seqs,
+        [1, 2],
+        "seq 2 was published after the resend of 1, so the resend was dropped"
+    );
+    let mut uplink = js.get_stream(UPLINK_STREAM.name).await.unwrap();
+    assert_eq!(uplink.info().await.unwrap().state.messages, 2);
+    let first = &stored[0];
+    assert_eq!(first.subject.as_str(), "lw.v1.up.b1.elev-1.event");
+    let headers = first.headers.as_ref().unwrap();
+    assert_eq!(
+        headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .unwrap()
+            .as_str(),
+        "elev-1:1"
+    );
+    assert!(
+        headers.get("traceparent").is_some(),
+        "trace context travels with the message"
+    );
+    assert_eq!(v1::Envelope::decode(first.payload.as_ref()).unwrap().seq, 1);
+
+    device.client.disconnect().await.unwrap();
+    let offline = tokio::time::timeout(WAIT, presence.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let offline = v1::Presence::decode(offline.payload.as_ref()).unwrap();
+    assert_eq!(offline.state(), v1::PresenceState::Offline);
+    assert_eq!(offline.reason(), v1::DisconnectReason::Graceful);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_credentials_unknown_and_reserved_ids_are_refused_and_counted() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+
+    for (client_id, username, password) in [
+        ("elev-1", "elev-1", "lwd_wrong"),
+        ("elev-9", "elev-9", secret.as_str()),
+        ("elev-1", "someone-else", secret.as_str()),
+        ("_liftwire-bridge", "_liftwire-bridge", secret.as_str()),
+    ] {
+        let mut device = Device::connect(gw.addr, client_id, username, password);
+        let why = device.closed().await;
+        assert!(!why.is_empty(), "{client_id}/{username} must be refused");
+    }
+    let metrics = gw.metrics();
+    for reason in [
+        "bad_secret",
+        "unknown_device",
+        "username_mismatch",
+        "invalid_client_id",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "liftwire_gateway_auth_failures_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    // The right secret still works.
+    Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_rules_disconnect_offenders_without_hurting_others() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let a = provision(&gw, "b1", "elev-a", DeviceKind::Elevator).await;
+    let b = provision(&gw, "b1", "elev-b", DeviceKind::Elevator).await;
+    let mut victim = Device::connect(gw.addr, "elev-b", "elev-b", &b)
+        .connected()
+        .await;
+    victim.subscribe("lw/v1/b1/elev-b/down/+").await;
+
+    // Reading everybody's data: refused.
+    let mut snoop = Device::connect(gw.addr, "elev-a", "elev-a", &a)
+        .connected()
+        .await;
+    snoop.subscribe("#").await;
+    snoop.closed().await;
+    // Publishing as another device: refused, and nothing reaches NATS on its behalf.
+    let mut spoof = Device::connect(gw.addr, "elev-a", "elev-a", &a)
+        .connected()
+        .await;
+    spoof
+        .publish("lw/v1/b1/elev-b/up/event", envelope("elev-b", 1))
+        .await;
+    spoof.closed().await;
+    // Publishing to a device's downlink: refused.
+    let mut inject = Device::connect(gw.addr, "elev-a", "elev-a", &a)
+        .connected()
+        .await;
+    inject
+        .publish("lw/v1/b1/elev-b/down/command", b"x".to_vec())
+        .await;
+    inject.closed().await;
+
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains("liftwire_gateway_acl_violations_total{reason=\"foreign_filter\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("liftwire_gateway_acl_violations_total{reason=\"foreign_topic\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("liftwire_gateway_acl_violations_total{reason=\"publish_topic\"} 1"),
+        "{metrics}"
+    );
+
+    // The victim is still connected, received nothing injected, and publishes normally.
+    assert!(victim.quiet_for(Duration::from_millis(300)).await);
+    victim
+        .publish("lw/v1/b1/elev-b/up/event", envelope("elev-b", 1))
+        .await;
+    let js = jetstream::new(nats.client().await.unwrap());
+    let stored = stream_messages(&js, UPLINK_STREAM.name, 1).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].subject.as_str(), "lw.v1.up.b1.elev-b.event");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    device
+        .publish("lw/v1/b1/elev-1/up/event", vec![0xff, 0x01, 0x02])
+        .await;
+    device
+        .publish("lw/v1/b1/elev-1/up/event", envelope("elev-2", 1))
+        .await;
+    device
+        .publish("lw/v1/b1/elev-1/up/telemetry", envelope("elev-1", 1))
+        .await;
+    device
+        .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 0))
+        .await;
+    device
+        .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 5))
+        .await;
+
+    let js = jetstream::new(nats.client().await.unwrap());
+    let letters = stream_messages(&js, DEAD_LETTER_STREAM.name, 4).await;
+    let mut reasons: Vec<String> = letters
+        .iter()
+        .map(|m| {
+            let letter = v1::DeadLetter::decode(m.payload.as_ref()).unwrap();
+            assert_eq!(
+                (letter.source.as_str(), letter.device_id.as_str()),
+                ("gateway", "elev-1")
+            );
+            letter.reason
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "decode",
+            "device_mismatch",
+            "kind_mismatch",
+            "zero_sequence"
+        ]
+    );
+    let stored = stream_messages(&js, UPLINK_STREAM.name, 1).await;
+    assert_eq!(stored.len(), 1, "the valid message still went through");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downlink_reaches_exactly_the_addressed_device_on_any_replica_and_content_is_retained() {
+    let (nats, pg) = servers().await;
+    let gw1 = Replica::start(&nats, &pg, "gw-1").await;
+    let gw2 = Replica::start(&nats, &pg, "gw-2").await;
+    let s1 = provision(&gw1, "b1", "screen-1", DeviceKind::Screen).await;
+    let s2 = provision(&gw1, "b1", "screen-2", DeviceKind::Screen).await;
+    let s3 = provision(&gw1, "b1", "screen-3", DeviceKind::Screen).await;
+
+    let mut one = Device::connect(gw1.addr, "screen-1", "screen-1", &s1)
+        .connected()
+        .await;
+    let mut two = Device::connect(gw2.addr, "screen-2", "screen-2", &s2)
+        .connected()
+        .await;
+    for (device, id) in [(&one, "screen-1"), (&two, "screen-2")] {
+        device.subscribe(&format!("lw/v1/b1/{id}/down/+")).await;
+        device.subscribe("lw/v1/b1/_all/down/+").await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let client = nats.client().await.unwrap();
+    let command = v1::Downlink {
+        message_id: "m-1".into(),
+        issued_at: None,
+        body: Some(v1::downlink::Body::Command(v1::Command {
+            command_id: "c-1".into(),
+            ..Default::default()
+        })),
+    };
+    client
+        .publish(
+            "lw.v1.down.b1.screen-2.command",
+            command.encode_to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let (topic, payload, _) = two.message().await;
+    assert_eq!(topic, "lw/v1/b1/screen-2/down/command");
+    assert_eq!(v1::Downlink::decode(payload.as_slice()).unwrap(), command);
+    assert!(
+        one.quiet_for(Duration::from_millis(300)).await,
+        "screen-1 must not see screen-2's command"
+    );
+
+    let content = v1::Downlink {
+        message_id: "m-2".into(),
+        issued_at: None,
+        body: Some(v1::downlink::Body::ScreenContent(v1::ScreenContent {
+            content_id: "notice-1".into(),
+            version: 3,
+            title: "Lift maintenance on Monday".into(),
+            ..Default::default()
+        })),
+    };
+    let js = jetstream::new(client.clone());
+    js.publish(
+        "lw.v1.down.b1._all.screen-content",
+        content.encode_to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    for device in [&mut one, &mut two] {
+        let (topic, payload, _) = device.message().await;
+        assert_eq!(topic, "lw/v1/b1/_all/down/screen-content");
+        assert_eq!(v1::Downlink::decode(payload.as_slice()).unwrap(), content);
+    }
+
+    // A screen that connects later, to either replica, gets the current content at once.
+    let mut three = Device::connect(gw2.addr, "screen-3", "screen-3", &s3)
+        .connected()
+        .await;
+    three.subscribe("lw/v1/b1/_all/down/+").await;
+    let (topic, payload, retain) = three.message().await;
+    assert_eq!(topic, "lw/v1/b1/_all/down/screen-content");
+    assert!(retain);
+    assert_eq!(v1::Downlink::decode(payload.as_slice()).unwrap(), content);
+
+    // A replica started after the content was published serves it too.
+    let gw3 = Replica::start(&nats, &pg, "gw-3").await;
+    drop(three);
+    let mut late = Device::connect(gw3.addr, "screen-3", "screen-3", &s3)
+        .connected()
+        .await;
+    late.subscribe("lw/v1/b1/_all/down/+").await;
+    let (_, payload, retain) = late.message().await;
+    assert!(retain);
+    assert_eq!(v1::Downlink::decode(payload.as_slice()).unwrap(), content);
+
+    gw1.stop().await;
+    gw2.stop().await;
+    gw3.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoked_devices_are_disconnected_and_refused_within_seconds() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+
+    let started = tokio::time::Instant::now();
+    gw.registry
+        .revoke(&DeviceId::new("elev-1").unwrap())
+        .await
+        .unwrap();
+    device.closed().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "disconnected within seconds"
+    );
+
+    let mut again = Device::connect(gw.addr, "elev-1", "elev-1", &secret);
+    again.closed().await;
+    assert!(gw
+        .metrics()
+        .contains("liftwire_gateway_auth_failures_total{reason=\"revoked\"} 1"));
+    gw.stop().await;
+}
