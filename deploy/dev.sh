@@ -32,12 +32,10 @@ cleanup() {
   ((stopped)) && return
   stopped=1
   say "stopping..."
-  local pid
+  # Reverse start order: components drain into the infrastructure before it stops.
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
     kill -TERM "${pids[i]}" 2>/dev/null || true
-  done
-  for pid in "${pids[@]}"; do
-    wait "$pid" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
   done
   say "stopped; data kept in $data (delete it to start from scratch)"
 }
@@ -98,9 +96,13 @@ pids+=($!)
 wait_port postgres "$pg_port" "${pids[-1]}"
 pg_url_admin="postgres://liftwire@127.0.0.1:$pg_port/postgres"
 for ((i = 0; i < 100; i++)); do psql -q "$pg_url_admin" -c 'select 1' >/dev/null 2>&1 && break; sleep 0.1; done
-psql -q "$pg_url_admin" -tc "select 1 from pg_database where datname = 'liftwire'" | grep -q 1 \
-  || psql -q "$pg_url_admin" -c 'create database liftwire' >/dev/null
-pg_url="postgres://liftwire@127.0.0.1:$pg_port/liftwire"
+# One database per owner: the gateway's device registry and the telemetry service's data.
+for db in liftwire_gateway liftwire_telemetry; do
+  psql -q "$pg_url_admin" -tc "select 1 from pg_database where datname = '$db'" | grep -q 1 \
+    || psql -q "$pg_url_admin" -c "create database $db" >/dev/null
+done
+pg_gateway="postgres://liftwire@127.0.0.1:$pg_port/liftwire_gateway"
+pg_telemetry="postgres://liftwire@127.0.0.1:$pg_port/liftwire_telemetry"
 
 # --- S3 (s3s-fs) ---------------------------------------------------------------------------
 s3_port=$(pick_port 8014)
@@ -119,14 +121,17 @@ say "building liftwire (cargo build --bins)"
 bin=${CARGO_TARGET_DIR:-$repo/target}/debug
 
 export LIFTWIRE_GATEWAY__NATS__URL="nats://127.0.0.1:$nats_port"
+export LIFTWIRE_GATEWAY__DATABASE__URL="$pg_gateway"
 export LIFTWIRE_TELEMETRY__NATS__URL="nats://127.0.0.1:$nats_port"
-export LIFTWIRE_TELEMETRY__DATABASE__URL="$pg_url"
+export LIFTWIRE_TELEMETRY__DATABASE__URL="$pg_telemetry"
 
+"$bin/liftwire-gateway" migrate >"$logs/gateway-migrate.log" 2>&1
+mqtt_port=$(pick_port 1883)
 gateway_admin=$(pick_port 9101)
-LIFTWIRE_GATEWAY__RUNTIME__ADMIN_LISTEN="127.0.0.1:$gateway_admin" \
+LIFTWIRE_GATEWAY__RUNTIME__ADMIN_LISTEN="127.0.0.1:$gateway_admin" LIFTWIRE_GATEWAY__MQTT__LISTEN="127.0.0.1:$mqtt_port" \
   "$bin/liftwire-gateway" >"$logs/gateway.log" 2>&1 &
 pids+=($!)
-wait_port gateway "$gateway_admin" "${pids[-1]}"
+wait_port gateway "$mqtt_port" "${pids[-1]}"
 
 "$bin/liftwire-telemetry" migrate >"$logs/telemetry-migrate.log" 2>&1
 telemetry_admin=$(pick_port 9102)
@@ -144,20 +149,32 @@ pids+=($!)
 wait_port api "$api_port" "${pids[-1]}"
 token=$("$bin/liftwire-api" mint-token --subject dev --role admin --ttl 8h)
 
+# A demo device, so the commands printed below work as they are.
+demo_secret=$("$bin/liftwire-gateway" provision --building demo --device demo-elev-1 2>/dev/null \
+  || "$bin/liftwire-gateway" rotate --device demo-elev-1)
+
 cat <<INFO
 
 liftwire backbone is running (data: $data, logs: $logs)
 
   NATS + JetStream   nats://127.0.0.1:$nats_port      monitor http://127.0.0.1:$nats_monitor
-  PostgreSQL         $pg_url
+  PostgreSQL         postgres://liftwire@127.0.0.1:$pg_port  (databases liftwire_gateway, liftwire_telemetry)
   S3 (s3s-fs)        http://127.0.0.1:$s3_port        access key $s3_access / secret $s3_secret
-  gateway            admin http://127.0.0.1:$gateway_admin/metrics  /healthz  /readyz
+  gateway (MQTT)     mqtt://127.0.0.1:$mqtt_port       admin http://127.0.0.1:$gateway_admin/metrics  /healthz  /readyz
   telemetry          admin http://127.0.0.1:$telemetry_admin/metrics  /healthz  /readyz
   dashboard API      http://127.0.0.1:$api_port/api/v1   admin http://127.0.0.1:$api_admin/metrics
 
   An admin token for the API (8 h; mint others with: $bin/liftwire-api mint-token --help):
     curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/me
 
+  Demo device demo-elev-1 in building demo (secret rotated at every start). Publish as it:
+    $bin/liftwire-firmware-sim envelope --device demo-elev-1 --seq 1 > /tmp/liftwire-envelope.bin
+    mosquitto_pub -h 127.0.0.1 -p $mqtt_port -i demo-elev-1 -u demo-elev-1 -P $demo_secret -q 1 \\
+      -t lw/v1/demo/demo-elev-1/up/event -f /tmp/liftwire-envelope.bin
+  and find it stored (use --seq 2, 3, ... for the next ones):
+    psql $pg_telemetry -c 'select device_id, seq, kind from device_messages'
+  Provision more devices:
+    LIFTWIRE_GATEWAY__DATABASE__URL=$pg_gateway $bin/liftwire-gateway provision --building B --device D
   Uplink subjects: lw.v1.up.{building}.{device}.{kind} (stream LW_UPLINK); see ARCHITECTURE.md.
   Press Ctrl-C to stop everything.
 INFO

@@ -400,3 +400,22 @@ impl Elevator {
         self.next_seq += 1;
     }
 }
+
+/// A one-off alarm-button event from `device` at `at`, for manual tests with MQTT tools.
+pub fn alarm_envelope(device: &DeviceId, seq: u64, at: std::time::SystemTime) -> v1::Envelope {
+    let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    v1::Envelope {
+        schema_version: SCHEMA_VERSION,
+        device_id: device.to_string(),
+        seq,
+        device_time: Some(Timestamp {
+            seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(since_epoch.subsec_nanos()).unwrap_or(0),
+        }),
+        body: Some(v1::envelope::Body::Event(v1::Event {
+            kind: Some(v1::event::Kind::AlarmButtonPressed(
+                v1::AlarmButtonPressed {},
+            )),
+        })),
+    }
+}

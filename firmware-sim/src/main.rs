@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use liftwire_firmware_sim::{Fleet, FleetConfig, TrafficProfile};
+use liftwire_proto::naming::DeviceId;
+use liftwire_proto::Message;
 use liftwire_runtime::config::{self, ProcessEnv};
 use serde::Deserialize;
 
@@ -33,6 +35,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write one encoded envelope (an alarm-button event) to standard output, e.g. to publish it
+    /// with `mosquitto_pub -f`.
+    Envelope {
+        /// Device id in the envelope.
+        #[arg(long)]
+        device: DeviceId,
+        /// Sequence number.
+        #[arg(long, default_value_t = 1)]
+        seq: u64,
+    },
     /// Run the fleet for a simulated duration and print one line per message it would send.
     Trace {
         /// Simulated seconds to run.
@@ -72,6 +84,19 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Envelope { device, seq } => {
+            let envelope = liftwire_firmware_sim::elevator::alarm_envelope(
+                &device,
+                seq,
+                std::time::SystemTime::now(),
+            );
+            if let Err(e) =
+                std::io::Write::write_all(&mut std::io::stdout(), &envelope.encode_to_vec())
+            {
+                eprintln!("firmware-sim: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
         Command::Trace { seconds } => {
             for (uplink, envelope) in fleet.advance(seconds * 1000) {
                 let t = envelope.device_time.unwrap_or_default();

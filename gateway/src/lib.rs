@@ -441,14 +441,25 @@ impl Service for Gateway {
             shared.kick(&client_id);
         }
         tasks.cancel();
-        let _ = bridge.await;
-        let _ = presence.await;
-        let _ = drain.await;
-        let _ = down.await;
-        let _ = revocations.await;
+        // A task that panicked fails the shutdown loudly instead of vanishing.
+        for (name, task) in [
+            ("uplink bridge", bridge),
+            ("presence", presence),
+            ("broker link", drain),
+            ("downlink", down),
+            ("revocations", revocations),
+        ] {
+            task.await.map_err(|e| format!("{name} task failed: {e}"))?;
+        }
         drop(shared);
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-        nats.flush().await?;
+        // Bounded: with NATS gone, flushing would wait for a reconnect forever.
+        match tokio::time::timeout(Duration::from_secs(5), nats.flush()).await {
+            Ok(flushed) => flushed?,
+            Err(_) => tracing::warn!(
+                "NATS unreachable at shutdown; unflushed publishes are resent by devices"
+            ),
+        }
         Ok(())
     }
 }

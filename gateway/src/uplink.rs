@@ -182,22 +182,23 @@ pub async fn run(
                     }
                 }
             }
-            received = rx.recv(), if room && rx_open => {
-                let Some(incoming) = received else {
-                    rx_open = false;
-                    continue;
-                };
-                metrics.uplink_queue_depth.dec();
-                match validate(&incoming, settings.max_payload, SystemTime::now()) {
-                    Ok(seq) => in_flight.push(publish(&js, Pending { incoming, seq, attempt: 0 })),
-                    Err(rejection) => dead_letter(&js, &dead_letters, &metrics, incoming, rejection).await,
+            received = rx.recv(), if room && rx_open => match received {
+                // Closed and empty: only in-flight work remains.
+                None => rx_open = false,
+                Some(incoming) => {
+                    metrics.uplink_queue_depth.dec();
+                    match validate(&incoming, settings.max_payload, SystemTime::now()) {
+                        Ok(seq) => in_flight.push(publish(&js, Pending { incoming, seq, attempt: 0 })),
+                        Err(rejection) => dead_letter(&js, &dead_letters, &metrics, incoming, rejection).await,
+                    }
                 }
-            }
+            },
             _ = shutdown.cancelled(), if !closing => {
-                // Stop taking new work only once the queue is empty: close it and drain.
+                // Take no new messages, but drain what is queued and in flight.
                 closing = true;
                 rx.close();
             }
+            else => {}
         }
         if !rx_open && in_flight.is_empty() && retry.is_empty() {
             break;
