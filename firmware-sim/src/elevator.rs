@@ -162,6 +162,11 @@ impl Elevator {
         &self.device
     }
 
+    /// Continues numbering at `seq` (the outbox's next sequence number after a restart).
+    pub fn set_next_seq(&mut self, seq: u64) {
+        self.next_seq = seq;
+    }
+
     /// Simulated time of the model, in milliseconds since the start.
     pub fn now_ms(&self) -> u64 {
         self.now_ms

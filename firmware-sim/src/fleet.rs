@@ -77,6 +77,11 @@ impl Fleet {
         self.elevators.is_empty()
     }
 
+    /// The elevators with their buildings.
+    pub fn into_elevators(self) -> Vec<(BuildingId, Elevator)> {
+        self.elevators
+    }
+
     /// Advances every elevator by `duration_ms`; returns each envelope with where it is published.
     pub fn advance(&mut self, duration_ms: u64) -> Vec<(Uplink, v1::Envelope)> {
         let mut out = Vec::new();

@@ -4,8 +4,11 @@
 //!
 //! Deterministic: the same seed, fleet and duration produce the same envelopes, byte for byte.
 
+pub mod device;
 pub mod elevator;
 pub mod fleet;
+pub mod outbox;
+pub mod run;
 
 pub use elevator::{Elevator, ElevatorSpec, TrafficProfile};
 pub use fleet::{Fleet, FleetConfig};

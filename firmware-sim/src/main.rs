@@ -4,11 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use liftwire_firmware_sim::device::RunSettings;
 use liftwire_firmware_sim::{Fleet, FleetConfig, TrafficProfile};
 use liftwire_proto::naming::DeviceId;
 use liftwire_proto::Message;
 use liftwire_runtime::config::{self, ProcessEnv};
+use liftwire_runtime::observability::ObservabilityConfig;
+use liftwire_runtime::service::block_on;
 use serde::Deserialize;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Simulated elevator controllers that produce liftwire's device messages.
 #[derive(Parser)]
@@ -35,6 +40,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Connect the fleet to the gateway over MQTT and run until Ctrl-C (or `--seconds`).
+    Run {
+        /// Stop after this many real seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Simulated seconds per real second (overrides the configuration).
+        #[arg(long)]
+        speed: Option<f64>,
+    },
     /// Write one encoded envelope (an alarm-button event) to standard output, e.g. to publish it
     /// with `mosquitto_pub -f`.
     Envelope {
@@ -57,6 +71,56 @@ enum Command {
 #[serde(deny_unknown_fields, default)]
 struct Config {
     fleet: FleetConfig,
+    mqtt: MqttTarget,
+    run: RunConfig,
+    registry: RegistryTarget,
+    observability: ObservabilityConfig,
+}
+
+/// `[mqtt]`: the gateway to connect to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct MqttTarget {
+    host: String,
+    port: u16,
+    #[serde(with = "humantime_serde")]
+    keep_alive: Duration,
+}
+
+impl Default for MqttTarget {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            keep_alive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[run]`: where state lives and how fast time goes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RunConfig {
+    data_dir: PathBuf,
+    speed: f64,
+    resend_per_second: u32,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(".liftwire/firmware-sim"),
+            speed: 1.0,
+            resend_per_second: 20,
+        }
+    }
+}
+
+/// `[registry]`: the gateway's device registry, to provision the fleet.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RegistryTarget {
+    database_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +148,12 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Run { seconds, speed } => {
+            if let Some(speed) = speed {
+                config.run.speed = speed;
+            }
+            return block_on(run(config, seconds));
+        }
         Command::Envelope { device, seq } => {
             let envelope = liftwire_firmware_sim::elevator::alarm_envelope(
                 &device,
@@ -116,4 +186,65 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+async fn run(config: Config, seconds: Option<u64>) -> ExitCode {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let _tracing = match liftwire_runtime::observability::init(
+        "firmware-sim",
+        &config.observability,
+        rust_log.as_deref(),
+    ) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("firmware-sim: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = RunSettings {
+        host: config.mqtt.host.clone(),
+        port: config.mqtt.port,
+        keep_alive: config.mqtt.keep_alive,
+        data_dir: config.run.data_dir.clone(),
+        speed: config.run.speed,
+        resend_per_second: config.run.resend_per_second,
+        min_backoff: Duration::from_millis(200),
+        max_backoff: Duration::from_secs(30),
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        match seconds {
+            Some(s) => tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(s)) => {}
+                _ = liftwire_runtime::shutdown::signal() => {}
+            },
+            None => {
+                liftwire_runtime::shutdown::signal().await;
+            }
+        }
+        stop.cancel();
+    });
+    match liftwire_firmware_sim::run::run_fleet(
+        &config.fleet,
+        settings,
+        config.registry.database_url.as_deref(),
+        shutdown,
+    )
+    .await
+    {
+        Ok(outboxes) => {
+            let pending: usize = outboxes.iter().map(|o| o.len()).sum();
+            tracing::info!(
+                devices = outboxes.len(),
+                unconfirmed = pending,
+                "fleet stopped; unconfirmed messages stay in the outboxes"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "fleet failed");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -138,7 +138,7 @@ impl Postgres {
                         run_as,
                         dir,
                     };
-                    pg.create_database().await?;
+                    pg.create_default_database().await?;
                     return Ok(pg);
                 }
                 Err(e) => last = Some(e),
@@ -190,7 +190,7 @@ impl Postgres {
         Ok(process)
     }
 
-    async fn create_database(&self) -> Result<()> {
+    async fn create_default_database(&self) -> Result<()> {
         let admin = self.url_for("postgres");
         let deadline = Instant::now() + START_TIMEOUT;
         // The port opens slightly before the server accepts sessions.
@@ -223,6 +223,26 @@ impl Postgres {
     /// URL of the fixture's database.
     pub fn url(&self) -> String {
         self.url_for(DATABASE)
+    }
+
+    /// Creates another empty database on this server (for a second owner, e.g. the gateway's
+    /// registry beside telemetry's tables) and returns its URL.
+    pub async fn create_database(&self, name: &str) -> Result<String> {
+        let admin = sqlx::PgPool::connect(&self.url_for("postgres"))
+            .await
+            .map_err(|e| Error::Client {
+                what: "connecting to the test PostgreSQL",
+                detail: e.to_string(),
+            })?;
+        let created = sqlx::query(&format!("CREATE DATABASE \"{}\"", name.replace('"', "")))
+            .execute(&admin)
+            .await;
+        admin.close().await;
+        created.map_err(|e| Error::Client {
+            what: "creating a test database",
+            detail: e.to_string(),
+        })?;
+        Ok(self.url_for(name))
     }
 
     /// The server's port.

@@ -1,0 +1,211 @@
+//! Simulated device firmware on the wire: one MQTT connection per elevator, exactly like real
+//! firmware. Every envelope goes to the persistent outbox before it is sent; after (re)connecting
+//! the device resends everything above the backend's watermark, paced so a backlog never exceeds
+//! the gateway's per-device rate limit; reconnects back off exponentially with jitter.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use liftwire_proto::naming::{
+    device_downlink_filters, Audience, BuildingId, DeviceId, Downlink, DownlinkKind, Uplink,
+};
+use liftwire_proto::{v1, Message};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::elevator::Elevator;
+use crate::outbox::Outbox;
+
+/// How devices connect and run.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// Gateway MQTT host.
+    pub host: String,
+    /// Gateway MQTT port.
+    pub port: u16,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Where outboxes (and secrets) live.
+    pub data_dir: PathBuf,
+    /// Simulated seconds per real second.
+    pub speed: f64,
+    /// Backlog messages resent per second after a reconnect (below the gateway's rate limit).
+    pub resend_per_second: u32,
+    /// First reconnect delay; doubles up to `max_backoff`, with ±50 % jitter.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+/// Fleet-wide counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Envelopes produced by the models.
+    pub produced: AtomicU64,
+    /// Publishes handed to MQTT (first sends and resends).
+    pub sent: AtomicU64,
+    /// Envelopes confirmed by watermarks.
+    pub confirmed: AtomicU64,
+    /// Devices connected now.
+    pub connected: AtomicU64,
+    /// Connections lost.
+    pub disconnects: AtomicU64,
+}
+
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs one device until `shutdown`; returns its outbox for inspection.
+pub async fn run(
+    building: BuildingId,
+    mut elevator: Elevator,
+    secret: String,
+    settings: Arc<RunSettings>,
+    stats: Arc<Stats>,
+    seed: u64,
+    shutdown: CancellationToken,
+) -> std::io::Result<Outbox> {
+    let device = elevator.device().clone();
+    let mut outbox = Outbox::open(&settings.data_dir.join("outbox").join(device.as_str()))?;
+    elevator.set_next_seq(outbox.next_seq());
+    let mut options = MqttOptions::new(device.as_str(), settings.host.clone(), settings.port);
+    options.set_credentials(device.as_str(), secret);
+    options.set_keep_alive(settings.keep_alive);
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let downlink = Downlink {
+        building: building.clone(),
+        audience: Audience::Device(device.clone()),
+        kind: DownlinkKind::Watermark,
+    };
+    let watermark_topic = downlink.mqtt_topic();
+    let [own_filter, _] = device_downlink_filters(&building, &device);
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tick = tokio::time::interval(TICK);
+    let mut connected = false;
+    let mut retry_at: Option<Instant> = None;
+    let mut backoff = settings.min_backoff;
+    // Next pending sequence number to (re)send, and when the watermark last moved.
+    let mut resend_from: Option<u64> = None;
+    let mut last_progress = Instant::now();
+    let per_tick = (settings.resend_per_second as f64 * TICK.as_secs_f64()).ceil() as usize;
+    let sim_ms_per_tick = (TICK.as_millis() as f64 * settings.speed) as u64;
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                for envelope in elevator.advance(sim_ms_per_tick) {
+                    stats.produced.fetch_add(1, Ordering::Relaxed);
+                    outbox.push(envelope)?;
+                    // Live messages go at once when nothing older is waiting.
+                    if connected && resend_from.is_none() {
+                        if let Some(envelope) = outbox.last() {
+                            send(&client, &building, envelope, &stats);
+                        }
+                    }
+                }
+                if connected {
+                    if let Some(from) = resend_from {
+                        resend_from = resend(&client, &building, &outbox, from, per_tick, &stats);
+                    } else if !outbox.is_empty() && last_progress.elapsed() > Duration::from_secs(30) {
+                        // Sent but never confirmed (dropped somewhere): resend from the watermark.
+                        resend_from = Some(outbox.watermark() + 1);
+                        last_progress = Instant::now();
+                    }
+                }
+            }
+            _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)).await }, if retry_at.is_some() => {
+                retry_at = None;
+            }
+            event = eventloop.poll(), if retry_at.is_none() => match event {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    connected = true;
+                    stats.connected.fetch_add(1, Ordering::Relaxed);
+                    backoff = settings.min_backoff;
+                    let _ = client.try_subscribe(own_filter.clone(), QoS::AtLeastOnce);
+                    resend_from = (!outbox.is_empty()).then(|| outbox.watermark() + 1);
+                    last_progress = Instant::now();
+                }
+                Ok(Event::Incoming(Incoming::Publish(publish))) if publish.topic == watermark_topic => {
+                    if let Ok(v1::Downlink { body: Some(v1::downlink::Body::Watermark(w)), .. }) = v1::Downlink::decode(publish.payload.as_ref()) {
+                        let before = outbox.len();
+                        outbox.confirm(w.persisted_seq)?;
+                        let confirmed = before - outbox.len();
+                        if confirmed > 0 {
+                            stats.confirmed.fetch_add(confirmed as u64, Ordering::Relaxed);
+                            last_progress = Instant::now();
+                        }
+                        if resend_from.is_some_and(|from| from <= outbox.watermark()) {
+                            resend_from = (!outbox.is_empty()).then(|| outbox.watermark() + 1);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if connected {
+                        stats.connected.fetch_sub(1, Ordering::Relaxed);
+                        stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    connected = false;
+                    let jitter = rng.random_range(0.5..1.5);
+                    let delay = backoff.mul_f64(jitter);
+                    tracing::debug!(device = %device, error = %e, retry_in = ?delay, "connection lost");
+                    retry_at = Some(Instant::now() + delay);
+                    backoff = (backoff * 2).min(settings.max_backoff);
+                }
+            },
+        }
+    }
+    if connected {
+        stats.connected.fetch_sub(1, Ordering::Relaxed);
+        let _ = client.try_disconnect();
+        // Let the DISCONNECT go out.
+        let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    }
+    Ok(outbox)
+}
+
+fn send(client: &AsyncClient, building: &BuildingId, envelope: &v1::Envelope, stats: &Stats) {
+    let (Some(kind), Ok(device)) = (envelope.kind(), DeviceId::new(envelope.device_id.as_str()))
+    else {
+        return;
+    };
+    let topic = Uplink {
+        building: building.clone(),
+        device,
+        kind,
+    }
+    .mqtt_topic();
+    // A full request queue only delays it: the outbox resends it.
+    if client
+        .try_publish(topic, QoS::AtLeastOnce, false, envelope.encode_to_vec())
+        .is_ok()
+    {
+        stats.sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends up to `budget` pending envelopes from sequence `from`; returns where to continue, or
+/// `None` once the backlog is sent.
+fn resend(
+    client: &AsyncClient,
+    building: &BuildingId,
+    outbox: &Outbox,
+    from: u64,
+    budget: usize,
+    stats: &Stats,
+) -> Option<u64> {
+    for (sent, envelope) in outbox.pending().filter(|e| e.seq >= from).enumerate() {
+        if sent == budget {
+            return Some(envelope.seq);
+        }
+        send(client, building, envelope, stats);
+    }
+    None
+}
