@@ -161,6 +161,7 @@ pub struct Gateway {
     links: LinkFactory,
     servers: Vec<Listener>,
     mqtt_addr: SocketAddr,
+    mqtt_v5_addr: Option<SocketAddr>,
     nats_ready: ReadinessCheck,
     mqtt_ready: ReadinessCheck,
 }
@@ -179,6 +180,11 @@ impl Gateway {
     /// Address of the MQTT 3.1.1 listener.
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// Address of the MQTT 5 listener, if configured.
+    pub fn mqtt_v5_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_v5_addr
     }
 
     /// The device registry.
@@ -310,8 +316,10 @@ impl Service for Gateway {
                 })
             }),
         ));
+        let mut mqtt_v5_addr = None;
         if let Some(listen) = config.mqtt.listen_v5 {
             let addr = concrete(listen)?;
+            mqtt_v5_addr = Some(addr);
             let v5 = Guard::new(V5, shared.clone(), false);
             let mut server = Server::new(
                 server_settings("v5", addr, &config.mqtt, registry.clone(), shared.clone()),
@@ -341,6 +349,7 @@ impl Service for Gateway {
             links,
             servers,
             mqtt_addr,
+            mqtt_v5_addr,
             nats_ready,
             mqtt_ready,
         })
@@ -361,6 +370,7 @@ impl Service for Gateway {
             mqtt_addr,
             nats_ready,
             mqtt_ready,
+            ..
         } = self;
         let tasks = CancellationToken::new();
 

@@ -400,3 +400,86 @@ async fn revoked_devices_are_disconnected_and_refused_within_seconds() {
         .contains("liftwire_gateway_auth_failures_total{reason=\"revoked\"} 1"));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt5_properties_never_reach_mqtt311_clients() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let old = provision(&gw, "b1", "elev-v4", DeviceKind::Elevator).await;
+    let new = provision(&gw, "b1", "elev-v5", DeviceKind::Elevator).await;
+    let mut v4 = Device::connect(gw.addr, "elev-v4", "elev-v4", &old)
+        .connected()
+        .await;
+    v4.subscribe("lw/v1/b1/elev-v4/down/+").await;
+    v4.subscribe("lw/v1/b1/_all/down/+").await;
+
+    let mut options =
+        rumqttc::v5::MqttOptions::new("elev-v5", gw.addr_v5.ip().to_string(), gw.addr_v5.port());
+    options.set_credentials("elev-v5", new.as_str());
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 16);
+    let events = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(event) = eventloop.poll().await {
+            seen.push(format!("{event:?}"));
+        }
+        seen
+    });
+    let properties = PublishProperties {
+        user_properties: vec![("firmware".into(), "4.2".into())],
+        content_type: Some("application/x-protobuf".into()),
+        message_expiry_interval: Some(60),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(
+            "lw/v1/b1/elev-v5/up/event",
+            QoS5::AtLeastOnce,
+            false,
+            envelope("elev-v5", 1),
+            properties.clone(),
+        )
+        .await
+        .unwrap();
+    // Trying to reach the v4 device's topics with properties is an access violation.
+    client
+        .publish_with_properties(
+            "lw/v1/b1/_all/down/command",
+            QoS5::AtLeastOnce,
+            true,
+            b"x".to_vec(),
+            properties,
+        )
+        .await
+        .unwrap();
+
+    let js = jetstream::new(nats.client().await.unwrap());
+    let stored = stream_messages(&js, UPLINK_STREAM.name, 1).await;
+    assert_eq!(stored[0].subject.as_str(), "lw.v1.up.b1.elev-v5.event");
+    let seen = tokio::time::timeout(WAIT, events).await.unwrap().unwrap();
+    assert!(seen.iter().any(|e| e.contains("ConnAck")), "{seen:?}");
+
+    // The v4 client's connection is intact and still gets its downlink.
+    let command = v1::Downlink {
+        message_id: "m".into(),
+        issued_at: None,
+        body: Some(v1::downlink::Body::Command(v1::Command::default())),
+    };
+    let client = nats.client().await.unwrap();
+    client
+        .publish(
+            "lw.v1.down.b1.elev-v4.command",
+            command.encode_to_vec().into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let (topic, _, _) = v4.message().await;
+    assert_eq!(topic, "lw/v1/b1/elev-v4/down/command");
+    assert!(gw
+        .metrics()
+        .contains("liftwire_gateway_acl_violations_total{reason=\"publish_topic\"} 1"));
+    gw.stop().await;
+}

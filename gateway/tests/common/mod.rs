@@ -22,6 +22,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 /// A running gateway replica.
 pub struct Replica {
     pub addr: SocketAddr,
+    pub addr_v5: SocketAddr,
     pub ctx: BuildContext,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
@@ -41,6 +42,7 @@ impl Replica {
             },
             mqtt: MqttConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
+                listen_v5: Some("127.0.0.1:0".parse().unwrap()),
                 auth_failure_delay: Duration::from_millis(20),
                 registry_cache_ttl: Duration::from_millis(500),
                 revocation_poll: Duration::from_millis(100),
@@ -53,6 +55,7 @@ impl Replica {
         let ctx = BuildContext::new();
         let gateway = Gateway::build(config, &ctx).await.expect("gateway builds");
         let addr = gateway.mqtt_addr();
+        let addr_v5 = gateway.mqtt_v5_addr().expect("v5 listener configured");
         let registry = gateway.registry();
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -70,6 +73,7 @@ impl Replica {
         }
         Replica {
             addr,
+            addr_v5,
             ctx,
             stop,
             task,
