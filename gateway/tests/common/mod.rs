@@ -31,7 +31,17 @@ pub struct Replica {
 
 impl Replica {
     pub async fn start(nats: &Nats, pg: &Postgres, name: &str) -> Self {
-        let config = Config {
+        Self::start_with(nats, pg, name, |_| {}).await
+    }
+
+    /// Starts a replica after `tune` adjusted its MQTT settings.
+    pub async fn start_with(
+        nats: &Nats,
+        pg: &Postgres,
+        name: &str,
+        tune: impl FnOnce(&mut MqttConfig),
+    ) -> Self {
+        let mut config = Config {
             nats: NatsConfig {
                 url: nats.url(),
                 ..Default::default()
@@ -52,6 +62,7 @@ impl Replica {
             readiness_interval: Duration::from_millis(20),
             ..Default::default()
         };
+        tune(&mut config.mqtt);
         let ctx = BuildContext::new();
         let gateway = Gateway::build(config, &ctx).await.expect("gateway builds");
         let addr = gateway.mqtt_addr();
