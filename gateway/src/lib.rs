@@ -13,6 +13,7 @@
 
 pub mod acl;
 pub mod downlink;
+pub mod edge;
 pub mod metrics;
 pub mod protocol;
 pub mod registry;
@@ -38,6 +39,7 @@ use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{v4::V4, v5::V5, Disconnect, DisconnectReasonCode, Packet};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use serde::Deserialize;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -88,6 +90,16 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// Optional MQTT 5 listener.
     pub listen_v5: Option<SocketAddr>,
+    /// Optional MQTT-over-TLS listener (terminated by the gateway, optionally with mTLS). Keep the
+    /// plain listeners on loopback when devices connect over TLS only.
+    pub tls: Option<edge::TlsConfig>,
+    /// Optional MQTT-over-WebSocket listener (in-cabin screens running in browsers).
+    pub listen_ws: Option<SocketAddr>,
+    /// Longest a TLS/WebSocket handshake may take; a silent socket is closed after it.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// TLS/WebSocket handshakes in progress at once.
+    pub max_pending_handshakes: usize,
     /// Largest accepted packet, and largest envelope bridged.
     pub max_payload_bytes: usize,
     /// Time a new connection has to send CONNECT.
@@ -124,6 +136,10 @@ impl Default for MqttConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             listen_v5: None,
+            tls: None,
+            listen_ws: None,
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 256,
             max_payload_bytes: 64 * 1024,
             connect_timeout: Duration::from_secs(10),
             max_connections: 50_000,
@@ -162,6 +178,8 @@ pub struct Gateway {
     servers: Vec<Listener>,
     mqtt_addr: SocketAddr,
     mqtt_v5_addr: Option<SocketAddr>,
+    tls: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+    websocket: Option<TcpListener>,
     nats_ready: ReadinessCheck,
     mqtt_ready: ReadinessCheck,
 }
@@ -185,6 +203,16 @@ impl Gateway {
     /// Address of the MQTT 5 listener, if configured.
     pub fn mqtt_v5_addr(&self) -> Option<SocketAddr> {
         self.mqtt_v5_addr
+    }
+
+    /// Address of the MQTT-over-TLS listener, if configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Address of the MQTT-over-WebSocket listener, if configured.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.websocket.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The device registry.
@@ -337,7 +365,20 @@ impl Service for Gateway {
                 }),
             ));
         }
+        let tls = match &config.mqtt.tls {
+            Some(tls) => Some((
+                TcpListener::bind(tls.listen).await?,
+                edge::server_config(tls)?,
+            )),
+            None => None,
+        };
+        let websocket = match config.mqtt.listen_ws {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
         Ok(Self {
+            tls,
+            websocket,
             config,
             nats,
             js,
@@ -370,7 +411,9 @@ impl Service for Gateway {
             mqtt_addr,
             nats_ready,
             mqtt_ready,
-            ..
+            mqtt_v5_addr,
+            tls,
+            websocket,
         } = self;
         let tasks = CancellationToken::new();
 
@@ -428,6 +471,36 @@ impl Service for Gateway {
             wait_listening(addr).await?;
             tracing::info!(%addr, "MQTT listener ready");
         }
+        let upstream = edge::Upstream {
+            v4: mqtt_addr,
+            v5: mqtt_v5_addr,
+        };
+        let limits = edge::EdgeLimits {
+            handshake_timeout: config.mqtt.handshake_timeout,
+            max_pending_handshakes: config.mqtt.max_pending_handshakes,
+        };
+        let mut edges = Vec::new();
+        if let Some((listener, tls)) = tls {
+            tracing::info!(addr = %listener.local_addr()?, "MQTT over TLS listener ready");
+            edges.push(tokio::spawn(edge::serve_tls(
+                listener,
+                tls,
+                upstream,
+                limits,
+                metrics.clone(),
+                tasks.child_token(),
+            )));
+        }
+        if let Some(listener) = websocket {
+            tracing::info!(addr = %listener.local_addr()?, "MQTT over WebSocket listener ready");
+            edges.push(tokio::spawn(edge::serve_websocket(
+                listener,
+                upstream,
+                limits,
+                metrics.clone(),
+                tasks.child_token(),
+            )));
+        }
         mqtt_ready.set(true);
         tracing::info!(gateway_id = %config.gateway_id, mqtt = %mqtt_addr, "gateway running");
 
@@ -443,7 +516,7 @@ impl Service for Gateway {
         // outbox), flush what was accepted into JetStream, then stop.
         mqtt_ready.set(false);
         nats_ready.set(false);
-        for listener in &listeners {
+        for listener in listeners.iter().chain(&edges) {
             listener.abort();
         }
         shared.draining.store(true, Ordering::SeqCst);

@@ -23,6 +23,8 @@ pub const WAIT: Duration = Duration::from_secs(15);
 pub struct Replica {
     pub addr: SocketAddr,
     pub addr_v5: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub ws_addr: Option<SocketAddr>,
     pub ctx: BuildContext,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
@@ -67,6 +69,8 @@ impl Replica {
         let gateway = Gateway::build(config, &ctx).await.expect("gateway builds");
         let addr = gateway.mqtt_addr();
         let addr_v5 = gateway.mqtt_v5_addr().expect("v5 listener configured");
+        let tls_addr = gateway.tls_addr();
+        let ws_addr = gateway.websocket_addr();
         let registry = gateway.registry();
         let stop = CancellationToken::new();
         let task = tokio::spawn({
@@ -85,6 +89,8 @@ impl Replica {
         Replica {
             addr,
             addr_v5,
+            tls_addr,
+            ws_addr,
             ctx,
             stop,
             task,

@@ -1,0 +1,260 @@
+//! TLS (with client certificates) and WebSocket listeners terminated ahead of the broker: idle
+//! sockets never block handshakes, a certificate binds its device id, browsers' MQTT works.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{envelope, servers, Replica, WAIT};
+use futures::{SinkExt, StreamExt};
+use liftwire_gateway::acl::DeviceKind;
+use liftwire_gateway::edge::TlsConfig;
+use liftwire_proto::naming::{BuildingId, DeviceId};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A CA, a server certificate for localhost, and a client certificate for `device`.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertificateDer<'static>,
+    client_chain: Vec<CertificateDer<'static>>,
+    client_key: PrivateKeyDer<'static>,
+}
+
+fn pki(device: &str) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec![device.to_owned()])
+        .unwrap()
+        .signed_by(&client_key, &ca)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    Pki {
+        dir,
+        ca: ca.der().clone(),
+        client_chain: vec![client.der().clone()],
+        client_key: PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
+    }
+}
+
+fn connect_packet(client_id: &str, password: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 30];
+    for field in [client_id, client_id, password] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
+    packet
+}
+
+const CONNACK_OK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+
+async fn tls_client(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(pki.client_chain.clone(), pki.client_key.clone_key())
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sockets_do_not_block_tls_handshakes_and_certificates_bind_the_device() {
+    let (nats, pg) = servers().await;
+    let pki = pki("elev-1");
+    let dir = pki.dir.path().to_owned();
+    let gw = Replica::start_with(&nats, &pg, "gw-1", move |mqtt| {
+        mqtt.tls = Some(TlsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert_file: dir.join("server.pem"),
+            key_file: dir.join("server.key"),
+            client_ca_file: Some(dir.join("ca.pem")),
+        });
+        mqtt.handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let tls_addr = gw.tls_addr.unwrap();
+    let secret = gw
+        .registry
+        .provision(
+            &BuildingId::new("b1").unwrap(),
+            &DeviceId::new("elev-1").unwrap(),
+            DeviceKind::Elevator,
+        )
+        .await
+        .unwrap();
+    let other = gw
+        .registry
+        .provision(
+            &BuildingId::new("b1").unwrap(),
+            &DeviceId::new("elev-2").unwrap(),
+            DeviceKind::Elevator,
+        )
+        .await
+        .unwrap();
+
+    // Sockets that connect and never say anything (rumqttd's accept loop would hang on them).
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(tokio::net::TcpStream::connect(tls_addr).await.unwrap());
+    }
+
+    let started = tokio::time::Instant::now();
+    let mut device = tls_client(&pki, tls_addr).await;
+    device
+        .write_all(&connect_packet("elev-1", &secret))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, device.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, CONNACK_OK);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "served while idle sockets were pending"
+    );
+    // An MQTT publish over TLS goes through the same guard and bridge.
+    let topic = "lw/v1/b1/elev-1/up/event";
+    let payload = envelope("elev-1", 1);
+    let mut publish = vec![0x30, (2 + topic.len() + payload.len()) as u8];
+    publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&payload);
+    device.write_all(&publish).await.unwrap();
+
+    // The idle sockets are closed once the handshake timeout passes.
+    for mut socket in idle {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(3), socket.read(&mut buf))
+            .await
+            .expect("closed by the gateway");
+        assert!(matches!(read, Ok(0) | Err(_)));
+    }
+
+    // A certificate for elev-1 cannot be used to log in as elev-2, even with elev-2's secret.
+    let mut impostor = tls_client(&pki, tls_addr).await;
+    impostor
+        .write_all(&connect_packet("elev-2", &other))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4];
+    let read = tokio::time::timeout(WAIT, impostor.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "no CONNACK for a mismatched certificate"
+    );
+
+    let js = async_nats::jetstream::new(nats.client().await.unwrap());
+    let mut stream = js.get_stream("LW_UPLINK").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stream.info().await.unwrap().state.messages < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the TLS publish never reached JetStream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains("reason=\"handshake_timeout\"} 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("reason=\"certificate_mismatch\"} 1"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browsers_speak_mqtt_over_websocket() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start_with(&nats, &pg, "gw-1", |mqtt| {
+        mqtt.listen_ws = Some("127.0.0.1:0".parse().unwrap())
+    })
+    .await;
+    let ws_addr = gw.ws_addr.unwrap();
+    let secret = gw
+        .registry
+        .provision(
+            &BuildingId::new("b1").unwrap(),
+            &DeviceId::new("screen-1").unwrap(),
+            DeviceKind::Screen,
+        )
+        .await
+        .unwrap();
+
+    let mut request = format!("ws://{ws_addr}/mqtt")
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(ws_addr).await.unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    assert_eq!(
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "mqtt"
+    );
+    let packet = connect_packet("screen-1", &secret);
+    // Split across frames, as a browser may.
+    ws.send(Message::Binary(packet[..5].to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Binary(packet[5..].to_vec().into()))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_data().as_ref(), CONNACK_OK);
+    assert!(gw.metrics().contains("liftwire_gateway_connections 1"));
+    gw.stop().await;
+}
