@@ -538,3 +538,125 @@ async fn a_flooding_device_is_rate_limited_without_starving_others() {
     assert_eq!(dropped + noisy_stored, 30);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mosquitto_clients_publish_and_receive_through_the_gateway() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let dir = tempfile::tempdir().unwrap();
+    let payload = dir.path().join("envelope.bin");
+    std::fs::write(&payload, envelope("elev-1", 1)).unwrap();
+    let port = gw.addr.port().to_string();
+    let auth = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port.as_str(),
+        "-i",
+        "elev-1",
+        "-u",
+        "elev-1",
+        "-P",
+        secret.as_str(),
+    ];
+
+    let published = tokio::process::Command::new("mosquitto_pub")
+        .args(auth)
+        .args(["-q", "1", "-t", "lw/v1/b1/elev-1/up/event", "-f"])
+        .arg(&payload)
+        .output()
+        .await
+        .expect("mosquitto_pub is installed by deploy/setup.sh");
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let js = jetstream::new(nats.client().await.unwrap());
+    assert_eq!(stream_messages(&js, UPLINK_STREAM.name, 1).await.len(), 1);
+
+    // mosquitto_sub gets a retained downlink as soon as it subscribes.
+    let watermark = v1::Downlink {
+        message_id: "w".into(),
+        issued_at: None,
+        body: Some(v1::downlink::Body::Watermark(v1::Watermark {
+            persisted_seq: 1,
+        })),
+    };
+    js.publish(
+        "lw.v1.down.b1.elev-1.watermark",
+        watermark.encode_to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let received = tokio::process::Command::new("mosquitto_sub")
+        .args(auth)
+        .args(["-t", "lw/v1/b1/elev-1/down/+", "-C", "1", "-W", "10", "-N"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert_eq!(
+        v1::Downlink::decode(received.stdout.as_slice()).unwrap(),
+        watermark
+    );
+
+    // Subscribing to everything is refused: mosquitto_sub is disconnected.
+    let snoop = tokio::process::Command::new("mosquitto_sub")
+        .args(auth)
+        .args(["-t", "#", "-C", "1", "-W", "5"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!snoop.status.success() && snoop.stdout.is_empty());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_stops_accepting_and_flushes_accepted_messages() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    for seq in 1..=50 {
+        device
+            .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", seq))
+            .await;
+    }
+    // Wait until the gateway has read all 50 (they are acknowledged), then stop it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !gw
+        .metrics()
+        .contains("liftwire_gateway_uplink_messages_total{kind=\"event\"} 50")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages never bridged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = gw.addr;
+    let stopped = tokio::time::Instant::now();
+    gw.stop().await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "stopped within the grace period"
+    );
+    device.closed().await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+    let js = jetstream::new(nats.client().await.unwrap());
+    let mut stream = js.get_stream(UPLINK_STREAM.name).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 50);
+}
