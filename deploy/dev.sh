@@ -107,7 +107,7 @@ pg_telemetry="postgres://liftwire@127.0.0.1:$pg_port/liftwire_telemetry"
 # --- S3 (s3s-fs) ---------------------------------------------------------------------------
 s3_port=$(pick_port 8014)
 s3_bin=$(command -v s3s-fs || echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs")
-mkdir -p "$data/s3"
+mkdir -p "$data/s3/liftwire-uploads"  # s3s-fs: a bucket is a directory
 s3_access=liftwire-dev
 s3_secret=liftwire-dev-secret
 "$s3_bin" --host 127.0.0.1 --port "$s3_port" --access-key "$s3_access" --secret-key "$s3_secret" \
@@ -122,6 +122,10 @@ bin=${CARGO_TARGET_DIR:-$repo/target}/debug
 
 export LIFTWIRE_GATEWAY__NATS__URL="nats://127.0.0.1:$nats_port"
 export LIFTWIRE_GATEWAY__DATABASE__URL="$pg_gateway"
+export LIFTWIRE_GATEWAY__UPLOADS__ENDPOINT="http://127.0.0.1:$s3_port"
+export LIFTWIRE_GATEWAY__UPLOADS__BUCKET=liftwire-uploads
+export LIFTWIRE_GATEWAY__UPLOADS__ACCESS_KEY="$s3_access"
+export LIFTWIRE_GATEWAY__UPLOADS__SECRET_KEY="$s3_secret"
 export LIFTWIRE_TELEMETRY__NATS__URL="nats://127.0.0.1:$nats_port"
 export LIFTWIRE_TELEMETRY__DATABASE__URL="$pg_telemetry"
 
@@ -166,7 +170,7 @@ liftwire backbone is running (data: $data, logs: $logs)
 
   NATS + JetStream   nats://127.0.0.1:$nats_port      monitor http://127.0.0.1:$nats_monitor
   PostgreSQL         postgres://liftwire@127.0.0.1:$pg_port  (databases liftwire_gateway, liftwire_telemetry)
-  S3 (s3s-fs)        http://127.0.0.1:$s3_port        access key $s3_access / secret $s3_secret
+  S3 (s3s-fs)        http://127.0.0.1:$s3_port        access key $s3_access / secret $s3_secret, bucket liftwire-uploads
   gateway (MQTT)     mqtt://127.0.0.1:$mqtt_port       admin http://127.0.0.1:$gateway_admin/metrics  /healthz  /readyz
   telemetry          admin http://127.0.0.1:$telemetry_admin/metrics  /healthz  /readyz
   dashboard API      http://127.0.0.1:$api_port/api/v1   admin http://127.0.0.1:$api_admin/metrics

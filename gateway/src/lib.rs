@@ -19,6 +19,7 @@ pub mod protocol;
 pub mod registry;
 pub mod session;
 pub mod uplink;
+pub mod uploads;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// MQTT listeners and limits.
     pub mqtt: MqttConfig,
+    /// Where devices upload files (presigned PUT URLs); without it, upload requests are refused.
+    pub uploads: Option<uploads::UploadsConfig>,
     /// Name of this replica in presence events and logs (defaults to the host name).
     pub gateway_id: String,
     /// How often NATS connectivity is checked for `/readyz`.
@@ -74,6 +77,7 @@ impl Default for Config {
             nats: NatsConfig::default(),
             database: DatabaseConfig::default(),
             mqtt: MqttConfig::default(),
+            uploads: None,
             gateway_id: std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "gateway".into()),
@@ -432,6 +436,8 @@ impl Service for Gateway {
                 max_in_flight: config.mqtt.max_in_flight,
                 retry_backoff: Duration::from_millis(100),
                 gateway_id: config.gateway_id.clone(),
+                uploads: config.uploads.clone().map(uploads::Uploads::new),
+                nats: nats.clone(),
             },
             tasks.child_token(),
         ));

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use liftwire_proto::naming::{dead_letter_subject, presence_subject, uplink_msg_id};
+use liftwire_proto::naming::{dead_letter_subject, presence_subject, uplink_msg_id, UplinkKind};
 use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
 use liftwire_runtime::observability::inject_trace_context;
 use tokio::sync::mpsc;
@@ -135,6 +135,10 @@ pub struct BridgeSettings {
     pub retry_backoff: Duration,
     /// This gateway's name in presence events.
     pub gateway_id: String,
+    /// Answers upload requests, if configured.
+    pub uploads: Option<crate::uploads::Uploads>,
+    /// Core NATS client for answers to devices.
+    pub nats: async_nats::Client,
 }
 
 struct Pending {
@@ -172,6 +176,9 @@ pub async fn run(
                     Ok(elapsed) => {
                         metrics.jetstream_publish_seconds.observe(elapsed);
                         metrics.uplink_messages.get_or_create(&Kind { kind: pending.incoming.uplink.kind.as_str() }).inc();
+                        if pending.incoming.uplink.kind == UplinkKind::UploadRequest {
+                            answer_upload(&settings, &pending).await;
+                        }
                     }
                     Err(e) => {
                         metrics.jetstream_retries.inc();
@@ -205,6 +212,25 @@ pub async fn run(
         }
     }
     tracing::info!("uplink bridge drained");
+}
+
+/// Answers a stored upload request on the device's `upload-grant` topic.
+async fn answer_upload(settings: &BridgeSettings, pending: &Pending) {
+    let answer = match &settings.uploads {
+        Some(uploads) => uploads.answer(&pending.incoming, pending.seq).await,
+        None => None,
+    };
+    let Some((subject, grant)) = answer else {
+        tracing::debug!(device = %pending.incoming.identity.device, "upload request without an uploads store configured");
+        return;
+    };
+    if let Err(e) = settings
+        .nats
+        .publish(subject, grant.encode_to_vec().into())
+        .await
+    {
+        tracing::warn!(error = %e, device = %pending.incoming.identity.device, "publishing an upload grant failed");
+    }
 }
 
 type PublishResult = (

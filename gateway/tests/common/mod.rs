@@ -43,6 +43,16 @@ impl Replica {
         name: &str,
         tune: impl FnOnce(&mut MqttConfig),
     ) -> Self {
+        Self::start_with_config(nats, pg, name, |config| tune(&mut config.mqtt)).await
+    }
+
+    /// Starts a replica after `tune` adjusted its configuration.
+    pub async fn start_with_config(
+        nats: &Nats,
+        pg: &Postgres,
+        name: &str,
+        tune: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config {
             nats: NatsConfig {
                 url: nats.url(),
@@ -64,7 +74,7 @@ impl Replica {
             readiness_interval: Duration::from_millis(20),
             ..Default::default()
         };
-        tune(&mut config.mqtt);
+        tune(&mut config);
         let ctx = BuildContext::new();
         let gateway = Gateway::build(config, &ctx).await.expect("gateway builds");
         let addr = gateway.mqtt_addr();
