@@ -13,6 +13,7 @@ use liftwire_proto::naming::{
 use liftwire_proto::{v1, Message, SCHEMA_VERSION};
 use liftwire_runtime::admin::ReadinessCheck;
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
+use liftwire_runtime::observability::adopt_trace_context;
 use liftwire_runtime::service::{BoxError, BuildContext};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,6 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// `[ingest]` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -396,13 +398,24 @@ impl Ingest {
         let started = Instant::now();
         let mut rows = Vec::with_capacity(messages.len());
         let mut accepted = Vec::with_capacity(messages.len());
+        let mut spans = Vec::with_capacity(messages.len());
         for message in messages {
-            match validate(&message.subject, &message.payload) {
+            // Each message continues the trace its device started at the gateway.
+            let span = tracing::info_span!("telemetry_ingest", subject = %message.subject);
+            if let Some(headers) = &message.headers {
+                adopt_trace_context(&span, headers);
+            }
+            match span.in_scope(|| validate(&message.subject, &message.payload)) {
                 Ok(row) => {
                     rows.push(row);
                     accepted.push(message);
+                    spans.push(span);
                 }
-                Err(rejection) => self.dead_letter(message, rejection).await?,
+                Err(rejection) => {
+                    self.dead_letter(message, rejection)
+                        .instrument(span)
+                        .await?
+                }
             }
         }
         if rows.is_empty() {
