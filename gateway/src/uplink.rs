@@ -337,3 +337,66 @@ pub async fn presence(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{DeviceKind, Identity};
+    use liftwire_proto::naming::{BuildingId, DeviceId, Uplink};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    fn incoming(payload: Vec<u8>) -> Incoming {
+        Incoming {
+            identity: Arc::new(Identity {
+                device: DeviceId::new("elev-1").unwrap(),
+                building: BuildingId::new("b1").unwrap(),
+                kind: DeviceKind::Elevator,
+            }),
+            uplink: Uplink::from_mqtt_topic("lw/v1/b1/elev-1/up/event").unwrap(),
+            payload: payload.into(),
+            qos: 1,
+            received: Instant::now(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    fn envelope(seconds: Option<i64>) -> Vec<u8> {
+        v1::Envelope {
+            schema_version: SCHEMA_VERSION,
+            device_id: "elev-1".into(),
+            seq: 3,
+            device_time: seconds.map(|seconds| Timestamp { seconds, nanos: 0 }),
+            body: Some(v1::envelope::Body::Event(v1::Event {
+                kind: Some(v1::event::Kind::PowerLost(v1::PowerLost {})),
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn size_and_clock_sanity() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(
+            validate(&incoming(envelope(Some(1_794_999_000))), 1024, now).unwrap(),
+            3
+        );
+        // A device replaying a month-old backlog is fine.
+        assert!(validate(&incoming(envelope(Some(1_792_400_000))), 1024, now).is_ok());
+        let reason = |payload: Vec<u8>, max: usize| {
+            validate(&incoming(payload), max, now).unwrap_err().reason()
+        };
+        assert_eq!(reason(envelope(Some(1_794_999_000)), 8), "too_large");
+        assert_eq!(reason(envelope(None), 1024), "timestamp");
+        assert_eq!(
+            reason(envelope(Some(0)), 1024),
+            "timestamp",
+            "an unset clock"
+        );
+        assert_eq!(
+            reason(envelope(Some(1_795_000_000 + 2 * 24 * 3600)), 1024),
+            "timestamp",
+            "two days ahead"
+        );
+    }
+}

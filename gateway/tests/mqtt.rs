@@ -660,3 +660,93 @@ async fn shutdown_stops_accepting_and_flushes_accepted_messages() {
     let mut stream = js.get_stream(UPLINK_STREAM.name).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 50);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downlink_never_stalls_past_the_routers_link_buffer() {
+    // rumqttd stops serving an in-process link after ~200 unread notifications unless it answers
+    // `Unschedule`; a thousand QoS 1 downlink messages must all arrive.
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    device.subscribe("lw/v1/b1/elev-1/down/+").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = nats.client().await.unwrap();
+    for i in 0..1_000 {
+        let command = v1::Downlink {
+            message_id: format!("m-{i}"),
+            issued_at: None,
+            body: Some(v1::downlink::Body::Command(v1::Command {
+                command_id: format!("c-{i}"),
+                ..Default::default()
+            })),
+        };
+        client
+            .publish(
+                "lw.v1.down.b1.elev-1.command",
+                command.encode_to_vec().into(),
+            )
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    for i in 0..1_000 {
+        let (_, payload, _) = device.message().await;
+        let Some(v1::downlink::Body::Command(command)) =
+            v1::Downlink::decode(payload.as_slice()).unwrap().body
+        else {
+            panic!("a command")
+        };
+        assert_eq!(
+            command.command_id,
+            format!("c-{i}"),
+            "in order, none missing"
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_connection_is_reported_offline_as_lost() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let client = nats.client().await.unwrap();
+    let mut presence = client.subscribe("lw.v1.presence.b1.elev-1").await.unwrap();
+    client.flush().await.unwrap();
+    let device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    let online = v1::Presence::decode(
+        tokio::time::timeout(WAIT, presence.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .payload
+            .as_ref(),
+    )
+    .unwrap();
+    assert_eq!(online.state(), v1::PresenceState::Online);
+    // The network goes away: no DISCONNECT packet.
+    drop(device);
+    let offline = v1::Presence::decode(
+        tokio::time::timeout(WAIT, presence.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .payload
+            .as_ref(),
+    )
+    .unwrap();
+    assert_eq!(
+        (offline.state(), offline.reason()),
+        (
+            v1::PresenceState::Offline,
+            v1::DisconnectReason::ConnectionLost
+        )
+    );
+    assert!(gw.metrics().contains("liftwire_gateway_connections 0"));
+    gw.stop().await;
+}

@@ -70,9 +70,19 @@ impl ReadinessCheck {
     }
 }
 
+/// Resident memory of this process in bytes (`VmRSS` of `/proc/self/status`), if readable.
+pub fn resident_memory_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// What the admin endpoints serve.
 #[derive(Clone)]
 pub struct AdminState {
+    /// `process_resident_memory_bytes`, refreshed at every scrape.
+    pub resident_memory: prometheus_client::metrics::gauge::Gauge,
     /// Metrics of the binary (written while components register, read when scraped).
     pub registry: Arc<RwLock<Registry>>,
     /// Readiness checks of the binary.
@@ -100,6 +110,9 @@ pub async fn serve(
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    if let Some(rss) = resident_memory_bytes() {
+        state.resident_memory.set(rss);
+    }
     let mut body = String::new();
     let registry = state
         .registry
@@ -173,6 +186,7 @@ mod tests {
             AdminState {
                 registry: Arc::new(RwLock::new(registry)),
                 readiness,
+                resident_memory: Default::default(),
             },
             shutdown.clone(),
         ));
@@ -180,6 +194,8 @@ mod tests {
         let (status, body) = get(addr, "/metrics").await;
         assert_eq!(status, 200);
         assert!(body.contains("liftwire_test_events_total 3"), "{body}");
+        let rss = resident_memory_bytes().expect("readable on Linux");
+        assert!(rss > 1024 * 1024, "{rss}");
         assert_eq!(get(addr, "/healthz").await.0, 200);
         let (status, body) = get(addr, "/readyz").await;
         assert_eq!(status, 503);

@@ -22,6 +22,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Clone)]
 pub struct BuildContext {
     registry: Arc<RwLock<Registry>>,
+    resident_memory: prometheus_client::metrics::gauge::Gauge,
     /// Readiness checks reported by `/readyz`.
     pub readiness: Readiness,
 }
@@ -29,8 +30,16 @@ pub struct BuildContext {
 impl BuildContext {
     /// A context with an empty `liftwire_`-prefixed registry.
     pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("liftwire");
+        let resident_memory = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the process",
+            resident_memory.clone(),
+        );
         Self {
-            registry: Arc::new(RwLock::new(Registry::with_prefix("liftwire"))),
+            registry: Arc::new(RwLock::new(registry)),
+            resident_memory,
             readiness: Readiness::default(),
         }
     }
@@ -47,6 +56,7 @@ impl BuildContext {
         AdminState {
             registry: self.registry.clone(),
             readiness: self.readiness.clone(),
+            resident_memory: self.resident_memory.clone(),
         }
     }
 }
