@@ -750,3 +750,67 @@ async fn a_dropped_connection_is_reported_offline_as_lost() {
     assert!(gw.metrics().contains("liftwire_gateway_connections 0"));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_nats_down_a_full_queue_pushes_back_on_devices_instead_of_growing() {
+    let (mut nats, pg) = servers().await;
+    let gw = Replica::start_with(&nats, &pg, "gw-1", |mqtt| {
+        mqtt.uplink_queue = 3;
+        mqtt.max_in_flight = 2;
+    })
+    .await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    nats.stop();
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    for seq in 1..=20 {
+        device
+            .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", seq))
+            .await;
+    }
+    // A few in flight, three queued, then the device is pushed back (disconnected).
+    device.closed().await;
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains("liftwire_gateway_uplink_dropped_total{reason=\"queue_full\"} 1"),
+        "{metrics}"
+    );
+    let depth: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("liftwire_gateway_uplink_queue_depth "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(depth <= 3, "the queue stays within its bound: {depth}");
+
+    // NATS comes back: everything accepted is stored (retried with the same message ids).
+    nats.restart().unwrap();
+    let js = jetstream::new(nats.client().await.unwrap());
+    let mut stream = js.get_stream(UPLINK_STREAM.name).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stored = loop {
+        let stored = stream.info().await.unwrap().state.messages;
+        let bridged = gw.metrics().contains(&format!(
+            "liftwire_gateway_uplink_messages_total{{kind=\"event\"}} {stored}"
+        ));
+        if stored > 0
+            && bridged
+            && gw
+                .metrics()
+                .contains("liftwire_gateway_uplink_queue_depth 0")
+        {
+            break stored;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "accepted messages never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        stored <= 6,
+        "only what fit in the bounded queue and in flight was accepted: {stored}"
+    );
+    gw.stop().await;
+}
