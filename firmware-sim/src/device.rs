@@ -1,4 +1,4 @@
-//! Simulated device firmware on the wire: one MQTT connection per elevator, exactly like real
+//! Simulated device firmware on the wire: one MQTT connection per device, exactly like real
 //! firmware. Every envelope goes to the persistent outbox before it is sent; after (re)connecting
 //! the device resends everything above the backend's watermark, paced so a backlog never exceeds
 //! the gateway's per-device rate limit; reconnects back off exponentially with jitter.
@@ -20,6 +20,55 @@ use tokio_util::sync::CancellationToken;
 
 use crate::elevator::Elevator;
 use crate::outbox::Outbox;
+use crate::screen::Screen;
+
+/// What runs on a device.
+#[derive(Debug)]
+pub enum Firmware {
+    /// An elevator controller, driven by its model.
+    Elevator(Box<Elevator>),
+    /// An in-cabin screen, driven by the content it receives.
+    Screen(Screen),
+}
+
+impl Firmware {
+    fn device(&self) -> &DeviceId {
+        match self {
+            Firmware::Elevator(e) => e.device(),
+            Firmware::Screen(s) => s.device(),
+        }
+    }
+
+    fn set_next_seq(&mut self, seq: u64) {
+        match self {
+            Firmware::Elevator(e) => e.set_next_seq(seq),
+            Firmware::Screen(s) => s.set_next_seq(seq),
+        }
+    }
+
+    fn advance(&mut self, sim_ms: u64) -> Vec<v1::Envelope> {
+        match self {
+            Firmware::Elevator(e) => e.advance(sim_ms),
+            Firmware::Screen(s) => s.take_acks(),
+        }
+    }
+
+    async fn downlink(&mut self, kind: DownlinkKind, payload: &[u8]) {
+        let (Firmware::Screen(screen), DownlinkKind::ScreenContent) = (self, kind) else {
+            return;
+        };
+        let Ok(v1::Downlink {
+            body: Some(v1::downlink::Body::ScreenContent(content)),
+            ..
+        }) = v1::Downlink::decode(payload)
+        else {
+            return;
+        };
+        if let Err(e) = screen.show(&content).await {
+            tracing::warn!(device = %screen.device(), error = %e, "content not shown");
+        }
+    }
+}
 
 /// How devices connect and run.
 #[derive(Debug, Clone)]
@@ -62,16 +111,16 @@ const TICK: Duration = Duration::from_millis(100);
 /// Runs one device until `shutdown`; returns its outbox for inspection.
 pub async fn run(
     building: BuildingId,
-    mut elevator: Elevator,
+    mut firmware: Firmware,
     secret: String,
     settings: Arc<RunSettings>,
     stats: Arc<Stats>,
     seed: u64,
     shutdown: CancellationToken,
 ) -> std::io::Result<Outbox> {
-    let device = elevator.device().clone();
+    let device = firmware.device().clone();
     let mut outbox = Outbox::open(&settings.data_dir.join("outbox").join(device.as_str()))?;
-    elevator.set_next_seq(outbox.next_seq());
+    firmware.set_next_seq(outbox.next_seq());
     let mut options = MqttOptions::new(device.as_str(), settings.host.clone(), settings.port);
     options.set_credentials(device.as_str(), secret);
     options.set_keep_alive(settings.keep_alive);
@@ -83,7 +132,7 @@ pub async fn run(
         kind: DownlinkKind::Watermark,
     };
     let watermark_topic = downlink.mqtt_topic();
-    let [own_filter, _] = device_downlink_filters(&building, &device);
+    let filters = device_downlink_filters(&building, &device);
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tick = tokio::time::interval(TICK);
@@ -100,7 +149,7 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
-                for envelope in elevator.advance(sim_ms_per_tick) {
+                for envelope in firmware.advance(sim_ms_per_tick) {
                     stats.produced.fetch_add(1, Ordering::Relaxed);
                     outbox.push(envelope)?;
                     // Live messages go at once when nothing older is waiting.
@@ -128,7 +177,9 @@ pub async fn run(
                     connected = true;
                     stats.connected.fetch_add(1, Ordering::Relaxed);
                     backoff = settings.min_backoff;
-                    let _ = client.try_subscribe(own_filter.clone(), QoS::AtLeastOnce);
+                    for filter in &filters {
+                        let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
                     resend_from = (!outbox.is_empty()).then(|| outbox.watermark() + 1);
                     last_progress = Instant::now();
                 }
@@ -144,6 +195,11 @@ pub async fn run(
                         if resend_from.is_some_and(|from| from <= outbox.watermark()) {
                             resend_from = (!outbox.is_empty()).then(|| outbox.watermark() + 1);
                         }
+                    }
+                }
+                Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    if let Ok(down) = Downlink::from_mqtt_topic(&publish.topic) {
+                        firmware.downlink(down.kind, &publish.payload).await;
                     }
                 }
                 Ok(_) => {}

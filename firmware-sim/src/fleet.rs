@@ -22,6 +22,8 @@ pub struct FleetConfig {
     pub id_prefix: String,
     /// Device clock at the start of the run (Unix milliseconds).
     pub epoch_unix_ms: i64,
+    /// Give every elevator an in-cabin screen (`{elevator}-s`) when running over MQTT.
+    pub screens: bool,
 }
 
 impl Default for FleetConfig {
@@ -34,6 +36,7 @@ impl Default for FleetConfig {
             id_prefix: "sim".into(),
             // 2026-11-02 08:00:00 UTC, a Monday morning.
             epoch_unix_ms: 1_793_606_400_000,
+            screens: true,
         }
     }
 }

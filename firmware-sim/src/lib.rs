@@ -9,6 +9,7 @@ pub mod elevator;
 pub mod fleet;
 pub mod outbox;
 pub mod run;
+pub mod screen;
 
 pub use elevator::{Elevator, ElevatorSpec, TrafficProfile};
 pub use fleet::{Fleet, FleetConfig};

@@ -12,8 +12,9 @@ use liftwire_proto::naming::{BuildingId, DeviceId};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::device::{self, RunSettings, Stats};
+use crate::device::{self, Firmware, RunSettings, Stats};
 use crate::outbox::Outbox;
+use crate::screen::Screen;
 use crate::{Fleet, FleetConfig};
 
 /// Errors of a fleet run.
@@ -51,16 +52,14 @@ pub async fn secret_for(
     registry: Option<&Registry>,
     building: &BuildingId,
     device: &DeviceId,
+    kind: DeviceKind,
 ) -> Result<String, RunError> {
     let path = data_dir.join("secrets").join(device.as_str());
     if let Ok(secret) = std::fs::read_to_string(&path) {
         return Ok(secret.trim().to_owned());
     }
     let registry = registry.ok_or_else(|| RunError::NoSecret(device.to_string()))?;
-    let secret = match registry
-        .provision(building, device, DeviceKind::Elevator)
-        .await
-    {
+    let secret = match registry.provision(building, device, kind).await {
         Err(RegistryError::Exists(_)) => registry.rotate(device).await,
         other => other,
     }
@@ -93,18 +92,39 @@ pub async fn run_fleet(
     let settings = Arc::new(settings);
     let stats = Arc::new(Stats::default());
     let mut devices = JoinSet::new();
-    for (i, (building, elevator)) in elevators.into_iter().enumerate() {
+    let mut firmware = Vec::new();
+    for (building, elevator) in elevators {
+        if fleet.screens {
+            let screen = DeviceId::new(format!("{}-s", elevator.device()))?;
+            firmware.push((
+                building.clone(),
+                DeviceKind::Screen,
+                Firmware::Screen(Screen::new(screen)),
+            ));
+        }
+        firmware.push((
+            building,
+            DeviceKind::Elevator,
+            Firmware::Elevator(Box::new(elevator)),
+        ));
+    }
+    for (i, (building, kind, firmware)) in firmware.into_iter().enumerate() {
+        let device = match &firmware {
+            Firmware::Elevator(e) => e.device().clone(),
+            Firmware::Screen(s) => s.device().clone(),
+        };
         let secret = secret_for(
             &settings.data_dir,
             registry.as_ref(),
             &building,
-            elevator.device(),
+            &device,
+            kind,
         )
         .await?;
         let seed = fleet.seed.wrapping_add(i as u64);
         devices.spawn(device::run(
             building,
-            elevator,
+            firmware,
             secret,
             settings.clone(),
             stats.clone(),
