@@ -102,6 +102,73 @@ enum Phase {
     },
 }
 
+/// Something that happens to an elevator: the chaos rig's building blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incident {
+    /// The car stops (between floors if moving) with passengers inside; the alarm button is
+    /// pressed; they are released after `duration_ms`.
+    Entrapment {
+        /// Time until release.
+        duration_ms: u64,
+    },
+    /// The next `stops` door closings are each interrupted several times.
+    DoorReopenStorm {
+        /// Stops affected.
+        stops: u32,
+    },
+    /// A fault is raised and cleared after `duration_ms`; a blocking one takes the elevator out of
+    /// service meanwhile.
+    Fault {
+        /// Standard fault class.
+        code: v1::FaultCode,
+        /// The vendor's raw code.
+        vendor_code: String,
+        /// Whether the elevator stops serving calls.
+        blocking: bool,
+        /// Time until the fault clears.
+        duration_ms: u64,
+    },
+    /// Mains power is lost for `duration_ms`: the controller reports it on battery, then is
+    /// silent until power returns.
+    PowerLoss {
+        /// Outage length.
+        duration_ms: u64,
+    },
+    /// The device clock jumps by `offset_ms` (may be negative).
+    ClockSkew {
+        /// Clock offset.
+        offset_ms: i64,
+    },
+    /// A technician visits; the elevator is in inspection mode meanwhile.
+    Maintenance {
+        /// Planned preventive maintenance, or an unplanned callback.
+        planned: bool,
+        /// Visit length.
+        duration_ms: u64,
+    },
+}
+
+/// Something the controller will do later in simulated time.
+#[derive(Debug, Clone, PartialEq)]
+enum Scheduled {
+    ReleaseEntrapment {
+        id: String,
+        fault_id: String,
+    },
+    ClearFault {
+        id: String,
+        code: v1::FaultCode,
+        vendor_code: String,
+        blocking: bool,
+    },
+    RestorePower {
+        lost_at_ms: u64,
+    },
+    EndMaintenance {
+        id: String,
+    },
+}
+
 /// One simulated elevator controller.
 #[derive(Debug, Clone)]
 pub struct Elevator {
@@ -121,6 +188,16 @@ pub struct Elevator {
     load_percent: u32,
     counters: v1::Counters,
     run_ms: u64,
+    mode: v1::OperatingMode,
+    /// Causes that currently keep the car from serving calls (entrapment, blocking faults,
+    /// maintenance); when the last one ends, timers resume where they stopped.
+    holds: u32,
+    held_since: u64,
+    powered: bool,
+    reopen_storm_stops: u32,
+    clock_offset_ms: i64,
+    incidents: u64,
+    schedule: Vec<(u64, Scheduled)>,
     next_seq: u64,
     next_telemetry: u64,
     next_self_test: u64,
@@ -150,6 +227,14 @@ impl Elevator {
             load_percent: 0,
             counters: v1::Counters::default(),
             run_ms: 0,
+            mode: v1::OperatingMode::Normal,
+            holds: 0,
+            held_since: 0,
+            powered: true,
+            reopen_storm_stops: 0,
+            clock_offset_ms: 0,
+            incidents: 0,
+            schedule: Vec::new(),
             next_seq: 1,
             next_telemetry: 0,
             // Spread self-tests over the day so a fleet does not test all at once.
@@ -185,11 +270,21 @@ impl Elevator {
     }
 
     fn tick(&mut self, out: &mut Vec<v1::Envelope>) {
+        self.run_schedule(out);
+        if !self.powered {
+            return;
+        }
         let p_call = self.profile.calls_per_minute() * TICK_MS as f64 / 60_000.0;
         if self.rng.random_bool(p_call.min(1.0)) {
             self.new_call();
         }
-        match self.phase {
+        let phase = if self.holds > 0 {
+            Phase::Idle
+        } else {
+            self.phase
+        };
+        match phase {
+            Phase::Idle if self.holds > 0 => {}
             Phase::Idle => {
                 if let Some(target) = self.calls.front().copied() {
                     if target == self.floor {
@@ -211,8 +306,10 @@ impl Elevator {
                 };
             }
             Phase::Closing { until } => {
-                // A passenger may break the light curtain: the doors reopen.
-                if self.rng.random_bool(0.02) {
+                // A passenger may break the light curtain: the doors reopen (always, three times
+                // per stop, during a reopen storm).
+                let storm = self.reopen_storm_stops > 0 && self.reopens_this_stop < 3;
+                if storm || self.rng.random_bool(0.02) {
                     self.reopens_this_stop += 1;
                     self.phase = Phase::Opening {
                         until: self.now_ms + self.spec.door_motion_ms / 2,
@@ -228,6 +325,7 @@ impl Elevator {
                         reopens: self.reopens_this_stop,
                     });
                     self.emit_event(out, event);
+                    self.reopen_storm_stops = self.reopen_storm_stops.saturating_sub(1);
                     self.load_percent = self.rng.random_range(0..=80);
                     self.phase = Phase::Idle;
                 }
@@ -270,6 +368,236 @@ impl Elevator {
                 detail: String::new(),
             });
             self.emit_event(out, event);
+        }
+    }
+
+    /// Starts `incident` now; returns the messages it produces at once (later ones come from
+    /// [`Elevator::advance`]).
+    pub fn inject(&mut self, incident: Incident) -> Vec<v1::Envelope> {
+        let mut out = Vec::new();
+        self.incidents += 1;
+        let id = format!("{}-i{}", self.device, self.incidents);
+        let now = self.now_ms;
+        match incident {
+            Incident::Entrapment { duration_ms } => {
+                let fault_id = format!("{id}-fault");
+                self.emit_event(
+                    &mut out,
+                    v1::event::Kind::FaultRaised(v1::FaultRaised {
+                        fault_id: fault_id.clone(),
+                        code: v1::FaultCode::SafetyChainOpen as i32,
+                        vendor_code: "SC-OPEN".into(),
+                        description: "safety chain opened; car stopped".into(),
+                        blocking: true,
+                    }),
+                );
+                self.hold(&mut out);
+                self.emit_event(
+                    &mut out,
+                    v1::event::Kind::EntrapmentStarted(v1::EntrapmentStarted {
+                        entrapment_id: id.clone(),
+                        floor: self.floor,
+                    }),
+                );
+                self.emit_event(
+                    &mut out,
+                    v1::event::Kind::AlarmButtonPressed(v1::AlarmButtonPressed {}),
+                );
+                self.schedule.push((
+                    now + duration_ms,
+                    Scheduled::ReleaseEntrapment { id, fault_id },
+                ));
+            }
+            Incident::DoorReopenStorm { stops } => self.reopen_storm_stops += stops,
+            Incident::Fault {
+                code,
+                vendor_code,
+                blocking,
+                duration_ms,
+            } => {
+                self.emit_event(
+                    &mut out,
+                    v1::event::Kind::FaultRaised(v1::FaultRaised {
+                        fault_id: id.clone(),
+                        code: code as i32,
+                        vendor_code: vendor_code.clone(),
+                        description: format!("{code:?}"),
+                        blocking,
+                    }),
+                );
+                if blocking {
+                    self.hold(&mut out);
+                }
+                self.schedule.push((
+                    now + duration_ms,
+                    Scheduled::ClearFault {
+                        id,
+                        code,
+                        vendor_code,
+                        blocking,
+                    },
+                ));
+            }
+            Incident::PowerLoss { duration_ms } => {
+                self.emit_event(&mut out, v1::event::Kind::PowerLost(v1::PowerLost {}));
+                self.powered = false;
+                self.schedule.push((
+                    now + duration_ms,
+                    Scheduled::RestorePower { lost_at_ms: now },
+                ));
+            }
+            Incident::ClockSkew { offset_ms } => self.clock_offset_ms += offset_ms,
+            Incident::Maintenance {
+                planned,
+                duration_ms,
+            } => {
+                self.emit_event(
+                    &mut out,
+                    v1::event::Kind::MaintenanceVisitStarted(v1::MaintenanceVisitStarted {
+                        visit_id: id.clone(),
+                        planned,
+                        technician: "sim-technician".into(),
+                    }),
+                );
+                self.hold_in(&mut out, v1::OperatingMode::Inspection);
+                self.schedule
+                    .push((now + duration_ms, Scheduled::EndMaintenance { id }));
+            }
+        }
+        out
+    }
+
+    fn run_schedule(&mut self, out: &mut Vec<v1::Envelope>) {
+        let now = self.now_ms;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.schedule)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.schedule = later;
+        for (_, action) in due {
+            match action {
+                Scheduled::ReleaseEntrapment { id, fault_id } => {
+                    self.emit_event(
+                        out,
+                        v1::event::Kind::EntrapmentReleased(v1::EntrapmentReleased {
+                            entrapment_id: id,
+                        }),
+                    );
+                    self.emit_event(
+                        out,
+                        v1::event::Kind::FaultCleared(v1::FaultCleared {
+                            fault_id,
+                            code: v1::FaultCode::SafetyChainOpen as i32,
+                            vendor_code: "SC-OPEN".into(),
+                        }),
+                    );
+                    self.release(out);
+                }
+                Scheduled::ClearFault {
+                    id,
+                    code,
+                    vendor_code,
+                    blocking,
+                } => {
+                    self.emit_event(
+                        out,
+                        v1::event::Kind::FaultCleared(v1::FaultCleared {
+                            fault_id: id,
+                            code: code as i32,
+                            vendor_code,
+                        }),
+                    );
+                    if blocking {
+                        self.release(out);
+                    }
+                }
+                Scheduled::RestorePower { lost_at_ms } => {
+                    self.powered = true;
+                    let lost = self.epoch_unix_ms
+                        + i64::try_from(lost_at_ms).unwrap_or(i64::MAX)
+                        + self.clock_offset_ms;
+                    let lost_at = Timestamp {
+                        seconds: lost.div_euclid(1000),
+                        nanos: i32::try_from(lost.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+                    };
+                    self.emit_event(
+                        out,
+                        v1::event::Kind::PowerRestored(v1::PowerRestored {
+                            lost_at: Some(lost_at),
+                        }),
+                    );
+                }
+                Scheduled::EndMaintenance { id } => {
+                    self.emit_event(
+                        out,
+                        v1::event::Kind::MaintenanceVisitEnded(v1::MaintenanceVisitEnded {
+                            visit_id: id,
+                            notes: "done".into(),
+                        }),
+                    );
+                    self.release(out);
+                }
+            }
+        }
+    }
+
+    fn hold(&mut self, out: &mut Vec<v1::Envelope>) {
+        self.hold_in(out, v1::OperatingMode::OutOfService);
+    }
+
+    /// Stops serving calls (the first cause switches the mode and freezes the timers).
+    fn hold_in(&mut self, out: &mut Vec<v1::Envelope>, mode: v1::OperatingMode) {
+        if self.holds == 0 {
+            self.held_since = self.now_ms;
+        }
+        self.holds += 1;
+        self.set_mode(out, mode);
+    }
+
+    /// Ends one hold; with the last one the elevator is back in normal service and its timers
+    /// resume where they stopped.
+    fn release(&mut self, out: &mut Vec<v1::Envelope>) {
+        self.holds = self.holds.saturating_sub(1);
+        if self.holds > 0 {
+            return;
+        }
+        let held = self.now_ms - self.held_since;
+        self.phase = match self.phase {
+            Phase::Opening { until } => Phase::Opening {
+                until: until + held,
+            },
+            Phase::Open { until } => Phase::Open {
+                until: until + held,
+            },
+            Phase::Closing { until } => Phase::Closing {
+                until: until + held,
+            },
+            Phase::Moving {
+                from,
+                to,
+                depart,
+                arrive,
+            } => Phase::Moving {
+                from,
+                to,
+                depart: depart + held,
+                arrive: arrive + held,
+            },
+            Phase::Idle => Phase::Idle,
+        };
+        self.set_mode(out, v1::OperatingMode::Normal);
+    }
+
+    fn set_mode(&mut self, out: &mut Vec<v1::Envelope>, to: v1::OperatingMode) {
+        if self.mode != to {
+            let from = self.mode;
+            self.mode = to;
+            self.emit_event(
+                out,
+                v1::event::Kind::ModeChanged(v1::ModeChanged {
+                    from: from as i32,
+                    to: to as i32,
+                }),
+            );
         }
     }
 
@@ -339,16 +667,22 @@ impl Elevator {
                 depart,
                 arrive,
             } => {
-                let progress = (self.now_ms - depart) as f64 / (arrive - depart) as f64;
+                // While held (entrapment, blocking fault), the car stands where it stopped.
+                let at = if self.holds > 0 {
+                    self.held_since
+                } else {
+                    self.now_ms
+                };
+                let progress = at.saturating_sub(depart) as f64 / (arrive - depart) as f64;
                 let from_mm = i64::from(from - self.spec.lowest_floor) * h;
                 let to_mm = i64::from(to - self.spec.lowest_floor) * h;
                 let pos = from_mm + ((to_mm - from_mm) as f64 * progress) as i64;
-                let dir = if to > from {
-                    v1::Direction::Up
-                } else {
-                    v1::Direction::Down
+                let (dir, speed) = match (self.holds > 0, to > from) {
+                    (true, _) => (v1::Direction::Stopped, 0),
+                    (false, true) => (v1::Direction::Up, self.spec.speed_mm_s),
+                    (false, false) => (v1::Direction::Down, self.spec.speed_mm_s),
                 };
-                (dir, pos, self.spec.speed_mm_s, v1::DoorState::Closed)
+                (dir, pos, speed, v1::DoorState::Closed)
             }
             other => {
                 let door = match other {
@@ -371,7 +705,7 @@ impl Elevator {
             _ => self.floor,
         };
         v1::Telemetry {
-            mode: v1::OperatingMode::Normal as i32,
+            mode: self.mode as i32,
             floor,
             position_mm,
             direction: direction as i32,
@@ -391,7 +725,9 @@ impl Elevator {
     }
 
     fn emit(&mut self, out: &mut Vec<v1::Envelope>, body: v1::envelope::Body) {
-        let unix_ms = self.epoch_unix_ms + i64::try_from(self.now_ms).unwrap_or(i64::MAX);
+        let unix_ms = self.epoch_unix_ms
+            + i64::try_from(self.now_ms).unwrap_or(i64::MAX)
+            + self.clock_offset_ms;
         out.push(v1::Envelope {
             schema_version: SCHEMA_VERSION,
             device_id: self.device.to_string(),

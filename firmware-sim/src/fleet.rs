@@ -4,7 +4,7 @@ use liftwire_proto::naming::{BuildingId, DeviceId, IdError, Uplink};
 use liftwire_proto::v1;
 use serde::Deserialize;
 
-use crate::elevator::{Elevator, ElevatorSpec, TrafficProfile};
+use crate::elevator::{Elevator, ElevatorSpec, Incident, TrafficProfile};
 
 /// `[fleet]` settings (also settable from the command line).
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +83,42 @@ impl Fleet {
     /// The elevators with their buildings.
     pub fn into_elevators(self) -> Vec<(BuildingId, Elevator)> {
         self.elevators
+    }
+
+    /// Id of the first building.
+    pub fn first_building(&self) -> String {
+        self.elevators
+            .first()
+            .map(|(b, _)| b.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Starts an incident on every elevator `select(index, building)` picks, built by
+    /// `incident(index)`; returns what the devices send at once.
+    pub fn inject(
+        &mut self,
+        select: impl Fn(usize, &str) -> bool,
+        incident: impl Fn(usize) -> Incident,
+    ) -> Vec<(Uplink, v1::Envelope)> {
+        let mut out = Vec::new();
+        for (i, (building, elevator)) in self.elevators.iter_mut().enumerate() {
+            if !select(i, building.as_str()) {
+                continue;
+            }
+            for envelope in elevator.inject(incident(i)) {
+                if let Some(kind) = envelope.kind() {
+                    out.push((
+                        Uplink {
+                            building: building.clone(),
+                            device: elevator.device().clone(),
+                            kind,
+                        },
+                        envelope,
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// Advances every elevator by `duration_ms`; returns each envelope with where it is published.

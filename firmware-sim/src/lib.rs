@@ -9,7 +9,9 @@ pub mod elevator;
 pub mod fleet;
 pub mod outbox;
 pub mod run;
+pub mod scenario;
 pub mod screen;
 
-pub use elevator::{Elevator, ElevatorSpec, TrafficProfile};
+pub use elevator::{Elevator, ElevatorSpec, Incident, TrafficProfile};
 pub use fleet::{Fleet, FleetConfig};
+pub use scenario::Scenario;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use liftwire_firmware_sim::device::RunSettings;
-use liftwire_firmware_sim::{Fleet, FleetConfig, TrafficProfile};
+use liftwire_firmware_sim::{Fleet, FleetConfig, Scenario, TrafficProfile};
 use liftwire_proto::naming::DeviceId;
 use liftwire_proto::Message;
 use liftwire_runtime::config::{self, ProcessEnv};
@@ -64,6 +64,12 @@ enum Command {
         /// Simulated seconds to run.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// A chaos scenario to start during the run.
+        #[arg(long, value_enum)]
+        scenario: Option<Scenario>,
+        /// Simulated second at which the scenario starts.
+        #[arg(long, default_value_t = 30)]
+        at: u64,
     },
 }
 
@@ -167,8 +173,21 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        Command::Trace { seconds } => {
-            for (uplink, envelope) in fleet.advance(seconds * 1000) {
+        Command::Trace {
+            seconds,
+            scenario,
+            at,
+        } => {
+            let mut sent = Vec::new();
+            match scenario {
+                Some(scenario) if at < seconds => {
+                    sent.extend(fleet.advance(at * 1000));
+                    sent.extend(scenario.apply(&mut fleet));
+                    sent.extend(fleet.advance((seconds - at) * 1000));
+                }
+                _ => sent.extend(fleet.advance(seconds * 1000)),
+            }
+            for (uplink, envelope) in sent {
                 let t = envelope.device_time.unwrap_or_default();
                 let body = match &envelope.body {
                     Some(liftwire_proto::v1::envelope::Body::Event(e)) => format!("{:?}", e.kind),
