@@ -7,6 +7,7 @@
 pub mod device;
 pub mod elevator;
 pub mod fleet;
+pub mod load;
 pub mod outbox;
 pub mod run;
 pub mod scenario;

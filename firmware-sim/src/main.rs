@@ -40,6 +40,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate load: N devices at a total rate, measured from scheduled send to NATS arrival.
+    Load {
+        /// Number of devices.
+        #[arg(long, default_value_t = 100)]
+        devices: u32,
+        /// Total messages per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// MQTT QoS (0 or 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+        qos: u8,
+        /// Envelope size in bytes.
+        #[arg(long, default_value_t = 200)]
+        payload_bytes: usize,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Seconds over which devices start.
+        #[arg(long, default_value_t = 2)]
+        ramp_up: u64,
+        /// NATS server where messages are expected.
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Connect without credentials (for brokers without device auth).
+        #[arg(long)]
+        no_auth: bool,
+    },
     /// Connect the fleet to the gateway over MQTT and run until Ctrl-C (or `--seconds`).
     Run {
         /// Stop after this many real seconds.
@@ -154,6 +184,33 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Load {
+            devices,
+            rate,
+            qos,
+            payload_bytes,
+            seconds,
+            ramp_up,
+            nats_url,
+            json,
+            no_auth,
+        } => {
+            let settings = liftwire_firmware_sim::load::LoadConfig {
+                host: config.mqtt.host.clone(),
+                port: config.mqtt.port,
+                nats_url,
+                devices,
+                rate,
+                qos,
+                payload_bytes,
+                duration: Duration::from_secs(seconds),
+                ramp_up: Duration::from_secs(ramp_up),
+                building: format!("{}-load", config.fleet.id_prefix),
+                secrets: None,
+                drain: Duration::from_secs(2),
+            };
+            return block_on(load(settings, config, json, no_auth));
+        }
         Command::Run { seconds, speed } => {
             if let Some(speed) = speed {
                 config.run.speed = speed;
@@ -263,6 +320,76 @@ async fn run(config: Config, seconds: Option<u64>) -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "fleet failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn load(
+    mut settings: liftwire_firmware_sim::load::LoadConfig,
+    config: Config,
+    json: bool,
+    no_auth: bool,
+) -> ExitCode {
+    if !no_auth {
+        // Provision (or reuse) the load devices' credentials through the gateway's registry.
+        let registry = match config.registry.database_url.as_deref() {
+            Some(url) => match sqlx::PgPool::connect(url).await {
+                Ok(pool) => Some(liftwire_gateway::registry::Registry::new(
+                    pool,
+                    Duration::from_secs(5),
+                )),
+                Err(e) => {
+                    eprintln!("firmware-sim: registry database: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
+        let mut secrets = std::collections::HashMap::new();
+        for d in 1..=settings.devices {
+            let id = liftwire_firmware_sim::load::device_id(&settings.building, d);
+            let (Ok(device), Ok(building)) = (
+                DeviceId::new(id.clone()),
+                liftwire_proto::naming::BuildingId::new(settings.building.clone()),
+            ) else {
+                eprintln!("firmware-sim: invalid load device id {id}");
+                return ExitCode::from(2);
+            };
+            match liftwire_firmware_sim::run::secret_for(
+                &config.run.data_dir,
+                registry.as_ref(),
+                &building,
+                &device,
+                liftwire_gateway::acl::DeviceKind::Elevator,
+            )
+            .await
+            {
+                Ok(secret) => {
+                    secrets.insert(id, secret);
+                }
+                Err(e) => {
+                    eprintln!("firmware-sim: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        settings.secrets = Some(secrets);
+    }
+    match liftwire_firmware_sim::load::run(settings, |line| eprintln!("{line}")).await {
+        Ok(report) => {
+            if json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => eprintln!("firmware-sim: {e}"),
+                }
+            } else {
+                println!("{}", report.table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("firmware-sim: {e}");
             ExitCode::FAILURE
         }
     }
