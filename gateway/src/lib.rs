@@ -231,6 +231,7 @@ fn server_settings(
     mqtt: &MqttConfig,
     registry: Arc<Registry>,
     shared: Arc<Shared>,
+    links: LinkFactory,
 ) -> ServerSettings {
     let mut settings = ServerSettings {
         name: name.into(),
@@ -248,13 +249,18 @@ fn server_settings(
         },
     };
     let delay = mqtt.auth_failure_delay;
-    settings.set_auth_handler(move |client_id: String, username: String, password: String| {
+    settings.set_auth_handler(move |broker_id: String, username: String, password: String| {
         let registry = registry.clone();
         let shared = shared.clone();
+        let links = links.clone();
         async move {
+            let client_id = protocol::device_of(&broker_id).to_owned();
             match registry.authenticate(&client_id, &username, &password).await {
                 Ok(identity) => {
-                    shared.authenticated(identity);
+                    if let Some(previous) = shared.authenticated(identity, broker_id) {
+                        // One connection per device: the new one replaces the old at once.
+                        takeover(&links, previous.broker_id).await;
+                    }
                     true
                 }
                 Err(failure) => {
@@ -334,6 +340,7 @@ impl Service for Gateway {
                 &config.mqtt,
                 registry.clone(),
                 shared.clone(),
+                links.clone(),
             ),
             router_sender.clone(),
             v4,
@@ -354,7 +361,14 @@ impl Service for Gateway {
             mqtt_v5_addr = Some(addr);
             let v5 = Guard::new(V5, shared.clone(), false);
             let mut server = Server::new(
-                server_settings("v5", addr, &config.mqtt, registry.clone(), shared.clone()),
+                server_settings(
+                    "v5",
+                    addr,
+                    &config.mqtt,
+                    registry.clone(),
+                    shared.clone(),
+                    links.clone(),
+                ),
                 router_sender.clone(),
                 v5,
             );
@@ -553,6 +567,25 @@ impl Service for Gateway {
     }
 }
 
+/// Closes the broker connection `broker_id` at once: a link that takes over its client id makes
+/// the router drop the connection, then disconnects itself.
+async fn takeover(links: &LinkFactory, broker_id: String) {
+    let link = links.clone();
+    let taken = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let (mut tx, _rx) = link(&broker_id)?;
+        let disconnect = Disconnect {
+            reason_code: DisconnectReasonCode::AdministrativeAction,
+        };
+        futures::executor::block_on(tx.send(Packet::Disconnect(disconnect, None)))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    if let Ok(Err(e)) = taken {
+        tracing::warn!(error = %e, "closing a replaced or revoked connection failed");
+    }
+}
+
 async fn wait_listening(addr: SocketAddr) -> Result<(), BoxError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -593,28 +626,15 @@ async fn watch_revocations(
         for change in changes {
             since = since.max(change.updated_at);
             registry.forget(&change.device_id);
-            if change.revoked
-                && kicked.insert(change.device_id.clone(), change.updated_at)
-                    != Some(change.updated_at)
-                && shared.kick(&change.device_id)
+            if !change.revoked
+                || kicked.insert(change.device_id.clone(), change.updated_at)
+                    == Some(change.updated_at)
             {
+                continue;
+            }
+            if let Some(session) = shared.kick(&change.device_id) {
                 tracing::warn!(device = %change.device_id, "device revoked: disconnecting it");
-                let link = links.clone();
-                let device = change.device_id.clone();
-                let takeover = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                    let (mut tx, _rx) = link(&device)?;
-                    futures::executor::block_on(tx.send(Packet::Disconnect(
-                        Disconnect {
-                            reason_code: DisconnectReasonCode::AdministrativeAction,
-                        },
-                        None,
-                    )))
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-                });
-                if let Ok(Err(e)) = takeover.await {
-                    tracing::warn!(error = %e, "disconnecting a revoked device failed");
-                }
+                takeover(&links, session.broker_id).await;
             }
         }
     }

@@ -28,6 +28,19 @@ use crate::session::{Incoming, PresenceChange, Session, Shared};
 /// subscription can match a `$` topic, so the router acknowledges and drops them.
 pub const BRIDGED_TOPIC: &[u8] = b"$liftwire/bridged";
 
+/// Separates a device id from the connection number in broker client ids. Device ids cannot
+/// contain it, so a client cannot forge a broker id.
+pub const BROKER_ID_SEPARATOR: char = '~';
+
+static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The device id inside a broker client id (`{device}~{n}`).
+pub fn device_of(broker_id: &str) -> &str {
+    broker_id
+        .rsplit_once(BROKER_ID_SEPARATOR)
+        .map_or(broker_id, |(device, _)| device)
+}
+
 /// A token bucket: `rate` tokens per second, at most `burst`.
 #[derive(Debug, Clone)]
 struct Bucket {
@@ -128,9 +141,17 @@ impl<P> Drop for Guard<P> {
         else {
             return;
         };
+        // Replaced by a newer connection of the same device: it is not going offline.
+        let replaced = self
+            .shared
+            .session(client_id)
+            .is_some_and(|s| !Arc::ptr_eq(&s.kicked, &session.kicked));
         self.shared.closed(client_id, session);
         if conn.online {
             self.shared.metrics.connections.dec();
+            if replaced {
+                return;
+            }
             let reason = if session.kicked.load(Ordering::SeqCst) {
                 DisconnectReason::Kicked
             } else if conn.graceful {
@@ -167,13 +188,22 @@ impl<P: Protocol> Protocol for Guard<P> {
             return Err(Error::InvalidProtocol);
         }
         match packet {
-            Packet::Connect(connect, properties, will, _, login) => {
+            Packet::Connect(mut connect, properties, will, _, login) => {
                 if let Some(will) = will {
                     // Presence is reported by the gateway itself; a will could only publish
                     // unchecked data through the router.
                     tracing::debug!(topic = ?will.topic, "last will ignored: the gateway reports presence");
                 }
                 self.conn().client_id = Some(connect.client_id.clone());
+                // A broker client id unique to this connection. rumqttd keeps per-client-id state
+                // across connections (its will handlers) that a quick reconnect can corrupt,
+                // panicking while holding a lock every later CONNECT needs; with unique ids that
+                // state never spans two connections. The gateway itself makes a reconnect replace
+                // the previous connection (see the auth handler), and sessions are always clean:
+                // the outbox and the retained downlink carry what a persistent session would.
+                let n = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+                connect.client_id = format!("{}{BROKER_ID_SEPARATOR}{n}", connect.client_id);
+                connect.clean_session = true;
                 Ok(Packet::Connect(connect, properties, None, None, login))
             }
             Packet::Publish(mut publish, _properties) => {

@@ -19,6 +19,8 @@ use crate::metrics::Metrics;
 pub struct Session {
     /// Who is connected.
     pub identity: Arc<Identity>,
+    /// The connection's client id inside the broker (`{device}~{n}`, unique per connection).
+    pub broker_id: String,
     /// Set to close the connection (revocation, shutdown).
     pub kicked: Arc<AtomicBool>,
 }
@@ -88,15 +90,21 @@ impl Shared {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a successful authentication; a previous session of the same device is replaced
-    /// (the broker drops the older connection).
-    pub fn authenticated(&self, identity: Identity) {
+    /// Records a successful authentication of connection `broker_id`; returns the device's
+    /// previous session, which the caller must close (a device has one connection at a time).
+    pub fn authenticated(&self, identity: Identity, broker_id: String) -> Option<Session> {
         let session = Session {
             identity: Arc::new(identity),
+            broker_id,
             kicked: Arc::new(AtomicBool::new(false)),
         };
-        self.sessions()
+        let previous = self
+            .sessions()
             .insert(session.identity.device.to_string(), session);
+        if let Some(previous) = &previous {
+            previous.kicked.store(true, Ordering::SeqCst);
+        }
+        previous
     }
 
     /// The session of `client_id`, if authenticated.
@@ -104,15 +112,11 @@ impl Shared {
         self.sessions().get(client_id).cloned()
     }
 
-    /// Marks `client_id`'s connection to be closed; true if it was connected here.
-    pub fn kick(&self, client_id: &str) -> bool {
-        match self.sessions().remove(client_id) {
-            Some(session) => {
-                session.kicked.store(true, Ordering::SeqCst);
-                true
-            }
-            None => false,
-        }
+    /// Marks `client_id`'s connection to be closed; returns its session if it was connected here.
+    pub fn kick(&self, client_id: &str) -> Option<Session> {
+        let session = self.sessions().remove(client_id)?;
+        session.kicked.store(true, Ordering::SeqCst);
+        Some(session)
     }
 
     /// Forgets `session` when its connection ends, unless a newer connection replaced it.

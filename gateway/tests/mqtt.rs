@@ -814,3 +814,83 @@ async fn with_nats_down_a_full_queue_pushes_back_on_devices_instead_of_growing()
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_dropping_connections_mid_handshake_cannot_poison_the_listener() {
+    // rumqttd keeps per-client-id will state that a connection dropped during link setup leaks;
+    // the next CONNECT with that client id then panicked while holding a lock every CONNECT
+    // needs, and the listener refused everybody from then on. The gateway gives rumqttd a unique
+    // id per connection, so this can no longer happen.
+    use tokio::io::AsyncWriteExt;
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let flaky = provision(&gw, "b1", "elev-flaky", DeviceKind::Elevator).await;
+    let steady = provision(&gw, "b1", "elev-steady", DeviceKind::Elevator).await;
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 30];
+    for field in ["elev-flaky", "elev-flaky", flaky.as_str()] {
+        connect.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        connect.extend_from_slice(field.as_bytes());
+    }
+    let mut packet = vec![0x10, connect.len() as u8];
+    packet.extend(connect);
+    for round in 0..40 {
+        let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        socket.write_all(&packet).await.unwrap();
+        // Vary the moment the connection dies across the handshake.
+        if round % 4 != 0 {
+            tokio::time::sleep(Duration::from_micros(200 * (round % 7) as u64)).await;
+        }
+        drop(socket);
+    }
+    // Everybody else can still connect, and so can the flaky device.
+    Device::connect(gw.addr, "elev-steady", "elev-steady", &steady)
+        .connected()
+        .await;
+    Device::connect(gw.addr, "elev-flaky", "elev-flaky", &flaky)
+        .connected()
+        .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnecting_device_replaces_its_previous_connection() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let client = nats.client().await.unwrap();
+    let mut presence = client.subscribe("lw.v1.presence.b1.elev-1").await.unwrap();
+    client.flush().await.unwrap();
+    let mut old = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    let mut new = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    old.closed().await;
+    new.subscribe("lw/v1/b1/elev-1/down/+").await;
+    assert!(
+        new.quiet_for(Duration::from_millis(300)).await,
+        "the new connection stays up"
+    );
+    // Presence: online, online; the replaced connection does not report the device offline.
+    for _ in 0..2 {
+        let p = v1::Presence::decode(
+            tokio::time::timeout(WAIT, presence.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .payload
+                .as_ref(),
+        )
+        .unwrap();
+        assert_eq!(p.state(), v1::PresenceState::Online);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), presence.next())
+            .await
+            .is_err(),
+        "no offline event"
+    );
+    assert!(gw.metrics().contains("liftwire_gateway_connections 1"));
+    gw.stop().await;
+}
