@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use liftwire_proto::naming::{
     device_downlink_filters, Audience, BuildingId, DeviceId, Downlink, DownlinkKind, Uplink,
+    UplinkKind,
 };
-use liftwire_proto::{v1, Message};
+use liftwire_proto::{v1, Message, SCHEMA_VERSION};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
@@ -108,16 +109,58 @@ pub struct Stats {
 
 const TICK: Duration = Duration::from_millis(100);
 
+/// Network-level chaos, sent to devices while they run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chaos {
+    /// The device loses the network for a while (no packets at all, no DISCONNECT), keeps
+    /// producing into its outbox, and replays the backlog after reconnecting.
+    Partition(Duration),
+    /// The device misbehaves: malformed payload, an envelope claiming another device, a payload
+    /// over the size limit, and a publish on another device's topic.
+    Misbehave,
+    /// Drop the connection and reconnect at once (all devices together make a connect storm).
+    Reconnect,
+}
+
+/// Which devices a [`Chaos`] command is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every device.
+    All,
+    /// One device.
+    Device(DeviceId),
+}
+
+/// A chaos command for some devices.
+pub type ChaosCommand = (Target, Chaos);
+
+/// What every device of a fleet shares.
+#[derive(Debug)]
+pub struct Wiring {
+    /// How devices connect and run.
+    pub settings: Arc<RunSettings>,
+    /// Fleet-wide counters.
+    pub stats: Arc<Stats>,
+    /// Chaos commands.
+    pub chaos: tokio::sync::broadcast::Receiver<ChaosCommand>,
+    /// Stops the device.
+    pub shutdown: CancellationToken,
+}
+
 /// Runs one device until `shutdown`; returns its outbox for inspection.
 pub async fn run(
     building: BuildingId,
     mut firmware: Firmware,
     secret: String,
-    settings: Arc<RunSettings>,
-    stats: Arc<Stats>,
     seed: u64,
-    shutdown: CancellationToken,
+    wiring: Wiring,
 ) -> std::io::Result<Outbox> {
+    let Wiring {
+        settings,
+        stats,
+        mut chaos,
+        shutdown,
+    } = wiring;
     let device = firmware.device().clone();
     let mut outbox = Outbox::open(&settings.data_dir.join("outbox").join(device.as_str()))?;
     firmware.set_next_seq(outbox.next_seq());
@@ -125,7 +168,7 @@ pub async fn run(
     options.set_credentials(device.as_str(), secret);
     options.set_keep_alive(settings.keep_alive);
     options.set_clean_session(true);
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let (mut client, mut eventloop) = AsyncClient::new(options.clone(), 256);
     let downlink = Downlink {
         building: building.clone(),
         audience: Audience::Device(device.clone()),
@@ -148,6 +191,36 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            command = chaos.recv() => {
+                let Ok((target, command)) = command else { continue };
+                if target != Target::All && target != Target::Device(device.clone()) {
+                    continue;
+                }
+                match command {
+                    Chaos::Partition(duration) => {
+                        // The link dies without a DISCONNECT; nothing gets through until the
+                        // partition heals, then the device dials again and replays its backlog.
+                        if connected {
+                            stats.connected.fetch_sub(1, Ordering::Relaxed);
+                            stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        connected = false;
+                        (client, eventloop) = AsyncClient::new(options.clone(), 256);
+                        retry_at = Some(Instant::now() + duration);
+                    }
+                    Chaos::Misbehave => misbehave(&client, &building, &device),
+                    Chaos::Reconnect => {
+                        if connected {
+                            stats.connected.fetch_sub(1, Ordering::Relaxed);
+                            stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        connected = false;
+                        // A fresh client drops the old TCP connection and dials at once.
+                        (client, eventloop) = AsyncClient::new(options.clone(), 256);
+                        retry_at = None;
+                    }
+                }
+            }
             _ = tick.tick() => {
                 for envelope in firmware.advance(sim_ms_per_tick) {
                     stats.produced.fetch_add(1, Ordering::Relaxed);
@@ -264,4 +337,40 @@ fn resend(
         send(client, building, envelope, stats);
     }
     None
+}
+
+/// Publishes what a broken or malicious firmware would.
+fn misbehave(client: &AsyncClient, building: &BuildingId, device: &DeviceId) {
+    let own = Uplink {
+        building: building.clone(),
+        device: device.clone(),
+        kind: UplinkKind::Event,
+    }
+    .mqtt_topic();
+    let impostor = v1::Envelope {
+        schema_version: SCHEMA_VERSION,
+        device_id: format!("{device}-impostor"),
+        seq: 1,
+        ..Default::default()
+    };
+    let other = Uplink {
+        building: building.clone(),
+        device: DeviceId::new(format!("{device}-x")).unwrap_or_else(|_| device.clone()),
+        kind: UplinkKind::Event,
+    }
+    .mqtt_topic();
+    let _ = client.try_publish(
+        own.clone(),
+        QoS::AtLeastOnce,
+        false,
+        vec![0xff, 0x00, 0x13, 0x37],
+    );
+    let _ = client.try_publish(
+        own.clone(),
+        QoS::AtLeastOnce,
+        false,
+        impostor.encode_to_vec(),
+    );
+    let _ = client.try_publish(own, QoS::AtLeastOnce, false, vec![0u8; 2 * 1024 * 1024]);
+    let _ = client.try_publish(other, QoS::AtLeastOnce, false, vec![1]);
 }

@@ -35,7 +35,7 @@ struct Cli {
     #[arg(long, value_enum)]
     profile: Option<TrafficProfile>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -70,7 +70,8 @@ enum Command {
         #[arg(long)]
         no_auth: bool,
     },
-    /// Connect the fleet to the gateway over MQTT and run until Ctrl-C (or `--seconds`).
+    /// Connect the fleet to the gateway over MQTT and run until Ctrl-C (or `--seconds`); the
+    /// default command.
     Run {
         /// Stop after this many real seconds.
         #[arg(long)]
@@ -152,11 +153,20 @@ impl Default for RunConfig {
     }
 }
 
-/// `[registry]`: the gateway's device registry, to provision the fleet.
-#[derive(Debug, Default, Deserialize)]
+/// `[registry]`: the gateway's device registry, to provision the fleet (only used for devices
+/// whose secret is not in the data directory yet). Defaults to the local backbone's.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RegistryTarget {
     database_url: Option<String>,
+}
+
+impl Default for RegistryTarget {
+    fn default() -> Self {
+        Self {
+            database_url: Some("postgres://liftwire@127.0.0.1:5432/liftwire_gateway".into()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -183,7 +193,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command {
+    let command = cli.command.unwrap_or(Command::Run {
+        seconds: None,
+        speed: None,
+    });
+    match command {
         Command::Load {
             devices,
             rate,
@@ -334,7 +348,7 @@ async fn load(
     if !no_auth {
         // Provision (or reuse) the load devices' credentials through the gateway's registry.
         let registry = match config.registry.database_url.as_deref() {
-            Some(url) => match sqlx::PgPool::connect(url).await {
+            Some(url) => match sqlx::postgres::PgPoolOptions::new().connect_lazy(url) {
                 Ok(pool) => Some(liftwire_gateway::registry::Registry::new(
                     pool,
                     Duration::from_secs(5),

@@ -12,7 +12,7 @@ use liftwire_proto::naming::{BuildingId, DeviceId};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::device::{self, Firmware, RunSettings, Stats};
+use crate::device::{self, ChaosCommand, Firmware, RunSettings, Stats};
 use crate::outbox::Outbox;
 use crate::screen::Screen;
 use crate::{Fleet, FleetConfig};
@@ -81,10 +81,22 @@ pub async fn run_fleet(
     registry_url: Option<&str>,
     shutdown: CancellationToken,
 ) -> Result<Vec<Outbox>, RunError> {
+    let (_chaos, chaos_rx) = tokio::sync::broadcast::channel(16);
+    run_fleet_with_chaos(fleet, settings, registry_url, chaos_rx, shutdown).await
+}
+
+/// Like [`run_fleet`], with network chaos commands arriving on `chaos`.
+pub async fn run_fleet_with_chaos(
+    fleet: &FleetConfig,
+    settings: RunSettings,
+    registry_url: Option<&str>,
+    chaos: tokio::sync::broadcast::Receiver<ChaosCommand>,
+    shutdown: CancellationToken,
+) -> Result<Vec<Outbox>, RunError> {
     let elevators = Fleet::new(fleet)?.into_elevators();
     let registry = match registry_url {
         Some(url) => Some(Registry::new(
-            sqlx::PgPool::connect(url).await?,
+            sqlx::postgres::PgPoolOptions::new().connect_lazy(url)?,
             Duration::from_secs(5),
         )),
         None => None,
@@ -122,15 +134,13 @@ pub async fn run_fleet(
         )
         .await?;
         let seed = fleet.seed.wrapping_add(i as u64);
-        devices.spawn(device::run(
-            building,
-            firmware,
-            secret,
-            settings.clone(),
-            stats.clone(),
-            seed,
-            shutdown.clone(),
-        ));
+        let wiring = device::Wiring {
+            settings: settings.clone(),
+            stats: stats.clone(),
+            chaos: chaos.resubscribe(),
+            shutdown: shutdown.clone(),
+        };
+        devices.spawn(device::run(building, firmware, secret, seed, wiring));
     }
     tracing::info!(devices = devices.len(), gateway = %format!("{}:{}", settings.host, settings.port), speed = settings.speed, "fleet running");
     let mut progress = tokio::time::interval(Duration::from_secs(10));
