@@ -120,6 +120,8 @@ pub enum Chaos {
     Misbehave,
     /// Drop the connection and reconnect at once (all devices together make a connect storm).
     Reconnect,
+    /// Something happens to the elevator (ignored by screens).
+    Incident(crate::elevator::Incident),
 }
 
 /// Which devices a [`Chaos`] command is for.
@@ -168,6 +170,20 @@ pub async fn run(
     options.set_credentials(device.as_str(), secret);
     options.set_keep_alive(settings.keep_alive);
     options.set_clean_session(true);
+    // Real firmware registers a last will; the gateway drops it and reports presence itself
+    // (a will would bypass its checks), so this only proves the gateway tolerates one.
+    let will_topic = Uplink {
+        building: building.clone(),
+        device: device.clone(),
+        kind: UplinkKind::Event,
+    }
+    .mqtt_topic();
+    options.set_last_will(rumqttc::LastWill::new(
+        will_topic,
+        Vec::<u8>::new(),
+        QoS::AtLeastOnce,
+        false,
+    ));
     let (mut client, mut eventloop) = AsyncClient::new(options.clone(), 256);
     let downlink = Downlink {
         building: building.clone(),
@@ -185,14 +201,22 @@ pub async fn run(
     // Next pending sequence number to (re)send, and when the watermark last moved.
     let mut resend_from: Option<u64> = None;
     let mut last_progress = Instant::now();
+    let mut chaos_open = true;
     let per_tick = (settings.resend_per_second as f64 * TICK.as_secs_f64()).ceil() as usize;
     let sim_ms_per_tick = (TICK.as_millis() as f64 * settings.speed) as u64;
 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            command = chaos.recv() => {
-                let Ok((target, command)) = command else { continue };
+            command = chaos.recv(), if chaos_open => {
+                let (target, command) = match command {
+                    Ok(command) => command,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        chaos_open = false;
+                        continue;
+                    }
+                };
                 if target != Target::All && target != Target::Device(device.clone()) {
                     continue;
                 }
@@ -209,6 +233,19 @@ pub async fn run(
                         retry_at = Some(Instant::now() + duration);
                     }
                     Chaos::Misbehave => misbehave(&client, &building, &device),
+                    Chaos::Incident(incident) => {
+                        if let Firmware::Elevator(elevator) = &mut firmware {
+                            for envelope in elevator.inject(incident) {
+                                stats.produced.fetch_add(1, Ordering::Relaxed);
+                                outbox.push(envelope)?;
+                                if connected && resend_from.is_none() {
+                                    if let Some(envelope) = outbox.last() {
+                                        send(&client, &building, envelope, &stats);
+                                    }
+                                }
+                            }
+                        }
+                    }
                     Chaos::Reconnect => {
                         if connected {
                             stats.connected.fetch_sub(1, Ordering::Relaxed);

@@ -103,7 +103,7 @@ enum Phase {
 }
 
 /// Something that happens to an elevator: the chaos rig's building blocks.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incident {
     /// The car stops (between floors if moving) with passengers inside; the alarm button is
     /// pressed; they are released after `duration_ms`.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use liftwire_firmware_sim::device::RunSettings;
+use liftwire_firmware_sim::device::{Chaos, ChaosCommand, RunSettings, Target};
 use liftwire_firmware_sim::{Fleet, FleetConfig, Scenario, TrafficProfile};
 use liftwire_proto::naming::DeviceId;
 use liftwire_proto::Message;
@@ -79,6 +79,15 @@ enum Command {
         /// Simulated seconds per real second (overrides the configuration).
         #[arg(long)]
         speed: Option<f64>,
+        /// A chaos scenario to start during the run.
+        #[arg(long, value_enum)]
+        scenario: Option<Scenario>,
+        /// Network chaos to start during the run.
+        #[arg(long, value_enum)]
+        network: Option<NetworkChaos>,
+        /// Real seconds after start at which the scenario / network chaos starts.
+        #[arg(long, default_value_t = 30)]
+        at: u64,
     },
     /// Write one encoded envelope (an alarm-button event) to standard output, e.g. to publish it
     /// with `mosquitto_pub -f`.
@@ -102,6 +111,17 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         at: u64,
     },
+}
+
+/// Network chaos for `run --network`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum NetworkChaos {
+    /// The first device loses the network for a minute, then replays its backlog.
+    Partition,
+    /// The first device sends malformed, impostor, oversized and foreign-topic messages.
+    Misbehave,
+    /// Every device drops its connection and redials at once.
+    ConnectStorm,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,6 +216,9 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Run {
         seconds: None,
         speed: None,
+        scenario: None,
+        network: None,
+        at: 30,
     });
     match command {
         Command::Load {
@@ -225,11 +248,39 @@ fn main() -> ExitCode {
             };
             return block_on(load(settings, config, json, no_auth));
         }
-        Command::Run { seconds, speed } => {
+        Command::Run {
+            seconds,
+            speed,
+            scenario,
+            network,
+            at,
+        } => {
             if let Some(speed) = speed {
                 config.run.speed = speed;
             }
-            return block_on(run(config, seconds));
+            let mut commands = match scenario.map(|s| s.commands(&config.fleet)).transpose() {
+                Ok(commands) => commands.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("firmware-sim: invalid fleet id: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(network) = network {
+                let first = liftwire_firmware_sim::Fleet::new(&config.fleet)
+                    .ok()
+                    .and_then(|f| f.into_elevators().into_iter().next())
+                    .map(|(_, e)| e.device().clone());
+                let (target, chaos) = match network {
+                    NetworkChaos::Partition => (
+                        first.map(Target::Device),
+                        Chaos::Partition(Duration::from_secs(60)),
+                    ),
+                    NetworkChaos::Misbehave => (first.map(Target::Device), Chaos::Misbehave),
+                    NetworkChaos::ConnectStorm => (Some(Target::All), Chaos::Reconnect),
+                };
+                commands.extend(target.map(|t| (t, chaos)));
+            }
+            return block_on(run(config, seconds, commands, Duration::from_secs(at)));
         }
         Command::Envelope { device, seq } => {
             let envelope = liftwire_firmware_sim::elevator::alarm_envelope(
@@ -278,7 +329,12 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run(config: Config, seconds: Option<u64>) -> ExitCode {
+async fn run(
+    config: Config,
+    seconds: Option<u64>,
+    chaos: Vec<ChaosCommand>,
+    chaos_at: Duration,
+) -> ExitCode {
     let rust_log = std::env::var("RUST_LOG").ok();
     let _tracing = match liftwire_runtime::observability::init(
         "firmware-sim",
@@ -315,10 +371,21 @@ async fn run(config: Config, seconds: Option<u64>) -> ExitCode {
         }
         stop.cancel();
     });
-    match liftwire_firmware_sim::run::run_fleet(
+    let (chaos_tx, chaos_rx) = tokio::sync::broadcast::channel(64);
+    if !chaos.is_empty() {
+        tokio::spawn(async move {
+            tokio::time::sleep(chaos_at).await;
+            for command in chaos {
+                tracing::info!(?command, "starting chaos");
+                let _ = chaos_tx.send(command);
+            }
+        });
+    }
+    match liftwire_firmware_sim::run::run_fleet_with_chaos(
         &config.fleet,
         settings,
         config.registry.database_url.as_deref(),
+        chaos_rx,
         shutdown,
     )
     .await

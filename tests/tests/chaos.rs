@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use liftwire_firmware_sim::device::{Chaos, RunSettings, Target};
 use liftwire_firmware_sim::run::run_fleet_with_chaos;
-use liftwire_firmware_sim::{FleetConfig, TrafficProfile};
+use liftwire_firmware_sim::{FleetConfig, Scenario, TrafficProfile};
 use liftwire_gateway::{Config as GatewayConfig, Gateway, MqttConfig};
 use liftwire_proto::naming::{DeviceId, DEAD_LETTER_STREAM};
 use liftwire_proto::{v1, Message};
@@ -161,6 +161,10 @@ async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
     chaos.send((Target::Device(e02), Chaos::Misbehave)).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     chaos.send((Target::All, Chaos::Reconnect)).unwrap();
+    // A model scenario injected into the running fleet (what `run --scenario` does).
+    for command in Scenario::Entrapment.commands(&fleet).unwrap() {
+        chaos.send(command).unwrap();
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Freeze time and let every outbox drain: the database must hold 1..=N for every device.
@@ -200,6 +204,23 @@ async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
     for (device, min, max, count) in per_device {
         assert_eq!((min, count), (1, max), "{device}: 1..={max} exactly once");
     }
+
+    // The entrapment reached the database.
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM device_messages WHERE device_id = 'sim-b01-e01' AND kind = 'event'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let trapped = payloads.iter().any(|p| {
+        matches!(
+            v1::Envelope::decode(p.as_slice()).unwrap().body,
+            Some(v1::envelope::Body::Event(v1::Event {
+                kind: Some(v1::event::Kind::EntrapmentStarted(_))
+            }))
+        )
+    });
+    assert!(trapped, "the entrapment was stored");
 
     // The misbehaving device's garbage is in the dead-letter stream with reasons.
     let js = jetstream::new(client);
