@@ -141,33 +141,54 @@ pub async fn run(
     for kind in DownlinkKind::ALL.iter().filter(|k| !k.retained()) {
         live.push(nats.subscribe(downlink_kind_filter(*kind)).await?);
     }
-    // Last message per subject first, then live: one ordered consumer per retained kind (a
-    // last-per-subject consumer needs a filter inside the stream's subjects).
-    let retained_stream = js.get_stream(RETAINED_STREAM.name).await?;
     let mut retained = futures::stream::select_all(Vec::new());
-    for kind in DownlinkKind::ALL.iter().filter(|k| k.retained()) {
-        let consumer = retained_stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                filter_subject: downlink_kind_filter(*kind),
-                ..Default::default()
-            })
-            .await?;
-        retained.push(consumer.messages().await?);
-    }
+    let mut retry = Duration::from_millis(100);
     let mut pkid: u16 = 0;
+    // Ordered consumers notice a server restart only after missing heartbeats; watching the
+    // connection restarts them as soon as NATS is back.
+    let mut watch = tokio::time::interval(Duration::from_millis(250));
+    let mut was_connected = true;
     loop {
+        if retained.is_empty() {
+            // (Re)start after start-up or a NATS restart: the last message per subject again
+            // (harmless, retained messages are idempotent), then live.
+            match retained_consumers(&js).await {
+                Ok(consumers) => {
+                    retained = consumers;
+                    retry = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?retry, "cannot consume retained downlink yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
         let (subject, payload) = tokio::select! {
             Some(message) = live.next() => (message.subject, message.payload),
             message = retained.next() => match message {
                 Some(Ok(message)) => (message.subject.clone(), message.payload.clone()),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "retained downlink consumer error");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                failed => {
+                    if let Some(Err(e)) = failed {
+                        tracing::warn!(error = %e, "retained downlink consumer failed; restarting it");
+                    }
+                    retained = futures::stream::select_all(Vec::new());
                     continue;
                 }
-                None => break,
             },
+            _ = watch.tick() => {
+                let connected = nats.connection_state() == async_nats::connection::State::Connected;
+                if connected && !was_connected {
+                    tracing::info!("NATS is back: restarting the retained downlink consumers");
+                    retained = futures::stream::select_all(Vec::new());
+                }
+                was_connected = connected;
+                continue;
+            }
             _ = shutdown.cancelled() => break,
         };
         pkid = pkid.wrapping_add(1).max(1);
@@ -193,6 +214,28 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+type RetainedMessages = futures::stream::SelectAll<jetstream::consumer::pull::Ordered>;
+
+/// One ordered consumer per retained kind, last message per subject first (a last-per-subject
+/// consumer needs a filter inside the stream's subjects).
+async fn retained_consumers(
+    js: &jetstream::Context,
+) -> Result<RetainedMessages, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = js.get_stream(RETAINED_STREAM.name).await?;
+    let mut retained = futures::stream::select_all(Vec::new());
+    for kind in DownlinkKind::ALL.iter().filter(|k| k.retained()) {
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                filter_subject: downlink_kind_filter(*kind),
+                ..Default::default()
+            })
+            .await?;
+        retained.push(consumer.messages().await?);
+    }
+    Ok(retained)
 }
 
 #[cfg(test)]
