@@ -866,11 +866,20 @@ async fn a_reconnecting_device_replaces_its_previous_connection() {
     let mut new = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
         .connected()
         .await;
-    old.closed().await;
+    // Used at once, while the old connection is being closed.
     new.subscribe("lw/v1/b1/elev-1/down/+").await;
+    new.publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 1))
+        .await;
+    old.closed().await;
     assert!(
         new.quiet_for(Duration::from_millis(300)).await,
         "the new connection stays up"
+    );
+    let js = jetstream::new(nats.client().await.unwrap());
+    assert_eq!(
+        stream_messages(&js, UPLINK_STREAM.name, 1).await.len(),
+        1,
+        "the new connection publishes"
     );
     // Presence: online, online; the replaced connection does not report the device offline.
     for _ in 0..2 {

@@ -4,20 +4,21 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use async_nats::jetstream;
+use common::{
+    assert_every_sequence_once, eventually, gateway, registry_database, sim_settings, stored,
+    telemetry,
+};
 use futures::StreamExt;
 use liftwire_firmware_sim::device::{Chaos, RunSettings, Target};
 use liftwire_firmware_sim::run::run_fleet_with_chaos;
 use liftwire_firmware_sim::{FleetConfig, Scenario, TrafficProfile};
-use liftwire_gateway::{Config as GatewayConfig, Gateway, MqttConfig};
 use liftwire_proto::naming::{DeviceId, DEAD_LETTER_STREAM};
 use liftwire_proto::{v1, Message};
-use liftwire_runtime::database::DatabaseConfig;
-use liftwire_runtime::nats::NatsConfig;
-use liftwire_runtime::service::{BuildContext, Service};
-use liftwire_telemetry::ingest::{Ingest, IngestConfig};
 use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
@@ -25,54 +26,9 @@ use tokio_util::sync::CancellationToken;
 async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
     let nats = Nats::start().unwrap();
     let pg = Postgres::start().await.unwrap();
-    let registry_url = pg.create_database("registry").await.unwrap();
-    liftwire_gateway::registry::migrate(&sqlx::PgPool::connect(&registry_url).await.unwrap())
-        .await
-        .unwrap();
-    let pool = DatabaseConfig {
-        url: pg.url(),
-        ..Default::default()
-    }
-    .pool()
-    .unwrap();
-    liftwire_telemetry::migrate(&pool).await.unwrap();
-    let nats_config = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let stop = CancellationToken::new();
-    let ingest = Ingest::build(
-        IngestConfig {
-            batch_wait: Duration::from_millis(20),
-            ..Default::default()
-        },
-        &nats_config,
-        nats.client().await.unwrap(),
-        pool.clone(),
-        &BuildContext::new(),
-    )
-    .await
-    .unwrap();
-    let ingest = tokio::spawn(ingest.run(stop.clone()));
-    let config = GatewayConfig {
-        nats: nats_config,
-        database: DatabaseConfig {
-            url: registry_url.clone(),
-            ..Default::default()
-        },
-        mqtt: MqttConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let ctx = BuildContext::new();
-    let gateway = Gateway::build(config, &ctx).await.unwrap();
-    let addr = gateway.mqtt_addr();
-    let gateway = tokio::spawn(gateway.run(stop.clone()));
-    while !ctx.readiness.not_ready().is_empty() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let registry_url = registry_database(&pg).await;
+    let (pool, ingest) = telemetry(&nats, &pg).await;
+    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
     let client = nats.client().await.unwrap();
     let mut presence = client
         .subscribe("lw.v1.presence.sim-b01.sim-b01-e01")
@@ -89,16 +45,7 @@ async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
         screens: false,
         ..Default::default()
     };
-    let settings = RunSettings {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-        keep_alive: Duration::from_secs(5),
-        data_dir: data_dir.path().to_owned(),
-        speed: 60.0,
-        resend_per_second: 40,
-        min_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(400),
-    };
+    let settings = sim_settings(gw.addr, data_dir.path(), 60.0);
     let (chaos, chaos_rx) = tokio::sync::broadcast::channel(16);
     let fleet_stop = CancellationToken::new();
     let run = |fleet: FleetConfig, settings: RunSettings, chaos_rx, stop: CancellationToken| {
@@ -133,31 +80,25 @@ async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
             Chaos::Partition(Duration::from_millis(1500)),
         ))
         .unwrap();
-    let lost = online(
-        &tokio::time::timeout(Duration::from_secs(20), presence.next())
-            .await
-            .unwrap()
-            .unwrap(),
-    );
-    assert_eq!(
-        (lost.state(), lost.reason()),
-        (
-            v1::PresenceState::Offline,
-            v1::DisconnectReason::ConnectionLost
-        )
-    );
-    let back = online(
-        &tokio::time::timeout(Duration::from_secs(20), presence.next())
-            .await
-            .unwrap()
-            .unwrap(),
-    );
-    assert_eq!(
-        back.state(),
-        v1::PresenceState::Online,
-        "reconnected after the partition"
-    );
-
+    // Reported lost (not gracefully gone), then back once the partition heals.
+    let mut states = Vec::new();
+    while !states.contains(&(v1::PresenceState::Online, true)) {
+        let p = online(
+            &tokio::time::timeout(Duration::from_secs(20), presence.next())
+                .await
+                .expect("presence after the partition")
+                .unwrap(),
+        );
+        let lost_before = states.iter().any(|(s, _)| *s == v1::PresenceState::Offline);
+        if p.state() == v1::PresenceState::Offline {
+            assert_eq!(
+                p.reason(),
+                v1::DisconnectReason::ConnectionLost,
+                "a partition is not a graceful disconnect"
+            );
+        }
+        states.push((p.state(), lost_before));
+    }
     chaos.send((Target::Device(e02), Chaos::Misbehave)).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     chaos.send((Target::All, Chaos::Reconnect)).unwrap();
@@ -182,28 +123,15 @@ async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
         chaos_rx,
         fleet_stop.clone(),
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM device_messages")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if stored == produced {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{stored} of {produced} stored"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "everything produced is stored",
+        Duration::from_secs(60),
+        || async { stored(&pool).await == produced },
+    )
+    .await;
     fleet_stop.cancel();
     fleet_run.await.unwrap();
-    let per_device: Vec<(String, i64, i64, i64)> = sqlx::query_as("SELECT device_id, min(seq), max(seq), count(*) FROM device_messages GROUP BY device_id ORDER BY device_id").fetch_all(&pool).await.unwrap();
-    assert_eq!(per_device.len(), 3, "{per_device:?}");
-    for (device, min, max, count) in per_device {
-        assert_eq!((min, count), (1, max), "{device}: 1..={max} exactly once");
-    }
+    assert_every_sequence_once(&pool, 3).await;
 
     // The entrapment reached the database.
     let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
@@ -245,7 +173,6 @@ async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
     reasons.sort();
     assert_eq!(reasons, ["decode", "device_mismatch"]);
 
-    stop.cancel();
-    gateway.await.unwrap().unwrap();
-    ingest.await.unwrap().unwrap();
+    gw.running.stop().await;
+    ingest.stop().await;
 }

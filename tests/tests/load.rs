@@ -2,50 +2,28 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::{gateway, registry_database};
 use liftwire_firmware_sim::load::{device_id, run, LoadConfig};
 use liftwire_gateway::acl::DeviceKind;
-use liftwire_gateway::{Config as GatewayConfig, Gateway, MqttConfig};
 use liftwire_proto::naming::{BuildingId, DeviceId};
-use liftwire_runtime::database::DatabaseConfig;
-use liftwire_runtime::nats::NatsConfig;
-use liftwire_runtime::service::{BuildContext, Service};
 use liftwire_testkit::{Nats, Postgres};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn load_mode_counts_every_message_end_to_end() {
     let nats = Nats::start().unwrap();
     let pg = Postgres::start().await.unwrap();
-    liftwire_gateway::registry::migrate(&pg.pool().await.unwrap())
-        .await
-        .unwrap();
-    let config = GatewayConfig {
-        nats: NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
-        database: DatabaseConfig {
-            url: pg.url(),
-            ..Default::default()
-        },
-        mqtt: MqttConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let ctx = BuildContext::new();
-    let gateway = Gateway::build(config, &ctx).await.unwrap();
-    let addr = gateway.mqtt_addr();
-    let registry = gateway.registry();
-    let stop = CancellationToken::new();
-    let gateway = tokio::spawn(gateway.run(stop.clone()));
-    while !ctx.readiness.not_ready().is_empty() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let gw = gateway(
+        &nats,
+        &registry_database(&pg).await,
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let (addr, registry) = (gw.addr, gw.registry.clone());
     let mut secrets = HashMap::new();
     for d in 1..=20 {
         let id = device_id("load", d);
@@ -93,6 +71,5 @@ async fn load_mode_counts_every_message_end_to_end() {
             .table()
             .contains(&format!("| 20 | 400 | {qos} | 200 |")));
     }
-    stop.cancel();
-    gateway.await.unwrap().unwrap();
+    gw.running.stop().await;
 }

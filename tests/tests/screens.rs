@@ -4,20 +4,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use async_nats::jetstream;
 use aws_sdk_s3::presigning::PresigningConfig;
+use common::{eventually, gateway, registry_database, sim_settings};
 use futures::StreamExt;
-use liftwire_firmware_sim::device::RunSettings;
 use liftwire_firmware_sim::run::run_fleet;
 use liftwire_firmware_sim::FleetConfig;
-use liftwire_gateway::{Config as GatewayConfig, Gateway, MqttConfig};
 use liftwire_proto::naming::UPLINK_STREAM;
 use liftwire_proto::{v1, Message};
-use liftwire_runtime::database::DatabaseConfig;
-use liftwire_runtime::nats::NatsConfig;
-use liftwire_runtime::service::{BuildContext, Service};
 use liftwire_testkit::{Nats, Postgres, S3};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -75,32 +73,8 @@ async fn screens_fetch_media_by_reference_verify_it_and_acknowledge() {
     let nats = Nats::start().unwrap();
     let pg = Postgres::start().await.unwrap();
     let s3 = S3::start().await.unwrap();
-    liftwire_gateway::registry::migrate(&pg.pool().await.unwrap())
-        .await
-        .unwrap();
-    let config = GatewayConfig {
-        nats: NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        },
-        database: DatabaseConfig {
-            url: pg.url(),
-            ..Default::default()
-        },
-        mqtt: MqttConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let ctx = BuildContext::new();
-    let gateway = Gateway::build(config, &ctx).await.unwrap();
-    let addr = gateway.mqtt_addr();
-    let stop = CancellationToken::new();
-    let gateway = tokio::spawn(gateway.run(stop.clone()));
-    while !ctx.readiness.not_ready().is_empty() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let registry_url = registry_database(&pg).await;
+    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
 
     let data_dir = tempfile::tempdir().unwrap();
     let fleet = FleetConfig {
@@ -108,40 +82,28 @@ async fn screens_fetch_media_by_reference_verify_it_and_acknowledge() {
         elevators_per_building: 2,
         ..Default::default()
     };
-    let settings = RunSettings {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-        keep_alive: Duration::from_secs(5),
-        data_dir: data_dir.path().to_owned(),
-        // Elevators stay still: only the screens speak.
-        speed: 0.0,
-        resend_per_second: 20,
-        min_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(400),
-    };
+    // Elevators stay still (speed 0): only the screens speak.
+    let settings = sim_settings(gw.addr, data_dir.path(), 0.0);
     let fleet_stop = CancellationToken::new();
     let fleet_run = tokio::spawn({
         let stop = fleet_stop.clone();
-        let url = pg.url();
-        async move { run_fleet(&fleet, settings, Some(&url), stop).await.unwrap() }
-    });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(
-            &mut out,
-            &ctx.admin_state().registry.read().unwrap(),
-        )
-        .unwrap();
-        if out.contains("liftwire_gateway_connections 4") {
-            break;
+        async move {
+            run_fleet(&fleet, settings, Some(&registry_url), stop)
+                .await
+                .unwrap()
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the fleet never connected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    });
+    let state = gw.ctx.admin_state();
+    eventually("the fleet is connected", Duration::from_secs(20), || {
+        let state = state.clone();
+        async move {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &state.registry.read().unwrap())
+                .unwrap();
+            out.contains("liftwire_gateway_connections 4")
+        }
+    })
+    .await;
 
     let image = b"\x89PNG fake image bytes of a notice".repeat(50);
     let good = content(&s3, "notice-1", 1, &image, Sha256::digest(&image).to_vec()).await;
@@ -209,6 +171,5 @@ async fn screens_fetch_media_by_reference_verify_it_and_acknowledge() {
     }
     fleet_stop.cancel();
     fleet_run.await.unwrap();
-    stop.cancel();
-    gateway.await.unwrap().unwrap();
+    gw.running.stop().await;
 }

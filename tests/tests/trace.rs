@@ -3,22 +3,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{gateway, registry_database, telemetry};
 use liftwire_gateway::acl::DeviceKind;
-use liftwire_gateway::{Config as GatewayConfig, Gateway, MqttConfig};
 use liftwire_proto::naming::{BuildingId, DeviceId};
 use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
-use liftwire_runtime::database::DatabaseConfig;
-use liftwire_runtime::nats::NatsConfig;
-use liftwire_runtime::service::{BuildContext, Service};
-use liftwire_telemetry::ingest::{Ingest, IngestConfig};
 use liftwire_testkit::{Nats, Postgres};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
 
@@ -46,53 +43,12 @@ async fn a_device_message_is_one_trace_from_gateway_to_telemetry() {
 
     let nats = Nats::start().unwrap();
     let pg = Postgres::start().await.unwrap();
-    let registry_url = pg.create_database("registry").await.unwrap();
-    liftwire_gateway::registry::migrate(&sqlx::PgPool::connect(&registry_url).await.unwrap())
-        .await
-        .unwrap();
-    let pool = DatabaseConfig {
-        url: pg.url(),
-        ..Default::default()
-    }
-    .pool()
-    .unwrap();
-    liftwire_telemetry::migrate(&pool).await.unwrap();
-    let nats_config = NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    };
-    let ingest = Ingest::build(
-        IngestConfig {
-            batch_wait: Duration::from_millis(20),
-            ..Default::default()
-        },
-        &nats_config,
-        nats.client().await.unwrap(),
-        pool.clone(),
-        &BuildContext::new(),
-    )
-    .await
-    .unwrap();
-    let stop = CancellationToken::new();
-    let ingest = tokio::spawn(ingest.run(stop.clone()));
-
-    let config = GatewayConfig {
-        nats: nats_config.clone(),
-        database: DatabaseConfig {
-            url: registry_url,
-            ..Default::default()
-        },
-        mqtt: MqttConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let ctx = BuildContext::new();
-    let gateway = Gateway::build(config, &ctx).await.unwrap();
-    let addr = gateway.mqtt_addr();
-    let secret = gateway
-        .registry()
+    let registry_url = registry_database(&pg).await;
+    let (_pool, ingest) = telemetry(&nats, &pg).await;
+    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
+    let addr = gw.addr;
+    let secret = gw
+        .registry
         .provision(
             &BuildingId::new("b1").unwrap(),
             &DeviceId::new("elev-1").unwrap(),
@@ -100,10 +56,6 @@ async fn a_device_message_is_one_trace_from_gateway_to_telemetry() {
         )
         .await
         .unwrap();
-    let gateway = tokio::spawn(gateway.run(stop.clone()));
-    while !ctx.readiness.not_ready().is_empty() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     let mut options = rumqttc::MqttOptions::new("elev-1", addr.ip().to_string(), addr.port());
     options.set_credentials("elev-1", secret);
@@ -161,8 +113,7 @@ async fn a_device_message_is_one_trace_from_gateway_to_telemetry() {
     );
     assert!(ingested.parent_span_is_remote, "the context crossed NATS");
 
-    stop.cancel();
-    gateway.await.unwrap().unwrap();
-    ingest.await.unwrap().unwrap();
+    gw.running.stop().await;
+    ingest.stop().await;
     mqtt.abort();
 }
