@@ -127,6 +127,7 @@ export LIFTWIRE_GATEWAY__UPLOADS__BUCKET=liftwire-uploads
 export LIFTWIRE_GATEWAY__UPLOADS__ACCESS_KEY="$s3_access"
 export LIFTWIRE_GATEWAY__UPLOADS__SECRET_KEY="$s3_secret"
 export LIFTWIRE_TELEMETRY__NATS__URL="nats://127.0.0.1:$nats_port"
+export LIFTWIRE_API__NATS__URL="nats://127.0.0.1:$nats_port"
 export LIFTWIRE_TELEMETRY__DATABASE__URL="$pg_telemetry"
 
 "$bin/liftwire-gateway" migrate >"$logs/gateway-migrate.log" 2>&1
@@ -178,6 +179,7 @@ liftwire backbone is running (data: $data, logs: $logs)
 
   An admin token for the API (8 h; mint others with: $bin/liftwire-api mint-token --help):
     curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/me
+    curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/buildings/sim-b01/live
 
   Demo device demo-elev-1 in building demo (secret rotated at every start). Publish as it:
     $bin/liftwire-firmware-sim envelope --device demo-elev-1 --seq 1 > /tmp/liftwire-envelope.bin

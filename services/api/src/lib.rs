@@ -3,6 +3,7 @@
 //! and forwards to the services that own the data over NATS request/reply. It holds no SQL.
 
 pub mod auth;
+pub mod live;
 pub mod problem;
 
 use std::net::SocketAddr;
@@ -29,6 +30,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Token verification.
     pub auth: AuthConfig,
+    /// NATS, to ask the services that own the data.
+    pub nats: liftwire_runtime::nats::NatsConfig,
 }
 
 /// `[http]` settings.
@@ -55,12 +58,18 @@ impl Default for HttpConfig {
 pub struct AppState {
     /// Token verifier.
     pub auth: Authenticator,
+    /// NATS client for request/reply with the services.
+    pub nats: async_nats::Client,
 }
 
 /// The `/api/v1` router.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/api/v1/me", get(me))
+        .route(
+            "/api/v1/buildings/{building}/live",
+            get(live::building_live_state),
+        )
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
@@ -118,13 +127,14 @@ impl Service for Api {
 
     async fn build(config: Config, _ctx: &BuildContext) -> Result<Self, BoxError> {
         let auth = Authenticator::new(&config.auth)?;
+        let nats = liftwire_runtime::nats::connect(&config.nats, "liftwire-api").await?;
         let listener = TcpListener::bind(config.http.listen)
             .await
             .map_err(|e| format!("cannot bind {}: {e}", config.http.listen))?;
         tracing::info!(listen = %listener.local_addr()?, "dashboard API under /api/v1");
         Ok(Self {
             listener,
-            state: AppState { auth },
+            state: AppState { auth, nats },
             max_body_bytes: config.http.max_body_bytes,
         })
     }

@@ -17,6 +17,12 @@ pub enum ApiError {
     /// No such resource (or not visible to this token).
     #[error("not found")]
     NotFound,
+    /// The request is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A backend service did not answer in time.
+    #[error("the service is unavailable, try again")]
+    Unavailable,
 }
 
 #[derive(Serialize)]
@@ -39,6 +45,12 @@ impl ApiError {
             ),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", "Bad request"),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+            ),
         }
     }
 }

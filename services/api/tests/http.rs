@@ -21,6 +21,7 @@ fn auth_config() -> AuthConfig {
 
 struct Server {
     base: String,
+    _nats: liftwire_testkit::Nats,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -29,12 +30,19 @@ impl Server {
     async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        let nats = liftwire_testkit::Nats::start().unwrap();
         let state = AppState {
             auth: Authenticator::new(&auth_config()).unwrap(),
+            nats: nats.client().await.unwrap(),
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(serve_http(listener, state, 1024, stop.clone()));
-        Server { base, stop, task }
+        Server {
+            base,
+            _nats: nats,
+            stop,
+            task,
+        }
     }
 
     async fn get(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value, String) {

@@ -1,6 +1,6 @@
 //! JetStream → PostgreSQL ingest of the device stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
@@ -248,6 +248,15 @@ async fn write_batch(
     .bind(&building_ids)
     .execute(&mut *tx)
     .await?;
+    // Lock the devices' watermarks (in a fixed order, so replicas cannot deadlock): their old
+    // values bound the range of messages this transaction makes contiguous.
+    let before: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT device_id, persisted_seq FROM device_watermarks WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
+    )
+    .bind(&device_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let before: HashMap<String, i64> = before.into_iter().collect();
     // The contiguous prefix above the current watermark: the n-th stored sequence number above
     // it equals watermark + n exactly as long as there is no gap.
     let advanced: Vec<(String, String, i64)> = sqlx::query_as(
@@ -271,6 +280,10 @@ async fn write_batch(
     .bind(&device_ids)
     .fetch_all(&mut *tx)
     .await?;
+    for (device_id, building_id, persisted_seq) in &advanced {
+        let from = before.get(device_id).copied().unwrap_or(0);
+        update_state(&mut tx, device_id, building_id, from, *persisted_seq).await?;
+    }
     tx.commit().await?;
     let advanced = advanced
         .into_iter()
@@ -281,6 +294,59 @@ async fn write_batch(
         })
         .collect();
     Ok((inserted, advanced))
+}
+
+/// Folds the messages `(from, to]` of a device (now contiguous) into its live state.
+async fn update_state(
+    tx: &mut sqlx::PgConnection,
+    device_id: &str,
+    building_id: &str,
+    from: i64,
+    to: i64,
+) -> Result<(), sqlx::Error> {
+    let current: Option<(i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT applied_seq, state FROM elevator_state WHERE device_id = $1 FOR UPDATE",
+    )
+    .bind(device_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let from = from.max(current.as_ref().map_or(0, |(applied, _)| *applied));
+    let messages: Vec<(Vec<u8>,)> = sqlx::query_as(
+        "SELECT payload FROM device_messages WHERE device_id = $1 AND seq > $2 AND seq <= $3 AND kind IN ('telemetry', 'event') ORDER BY seq",
+    )
+    .bind(device_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(&mut *tx)
+    .await?;
+    if messages.is_empty() && current.is_none() {
+        // Not an elevator (e.g. a screen): no state to keep.
+        return Ok(());
+    }
+    let mut state = current
+        .and_then(|(_, bytes)| v1::ElevatorState::decode(bytes.as_slice()).ok())
+        .unwrap_or_else(|| v1::ElevatorState {
+            device_id: device_id.into(),
+            building_id: building_id.into(),
+            ..Default::default()
+        });
+    for (payload,) in messages {
+        if let Ok(envelope) = v1::Envelope::decode(payload.as_slice()) {
+            crate::state::apply(&mut state, &envelope);
+        }
+    }
+    state.applied_seq = u64::try_from(to).unwrap_or(0);
+    sqlx::query(
+        "INSERT INTO elevator_state (device_id, building_id, applied_seq, state) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (device_id) DO UPDATE SET applied_seq = EXCLUDED.applied_seq, state = EXCLUDED.state",
+    )
+    .bind(device_id)
+    .bind(building_id)
+    .bind(to)
+    .bind(state.encode_to_vec())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 /// The ingest loop.

@@ -7,6 +7,8 @@
 //! persisted-sequence watermark downlink, so devices can trim their outbox.
 
 pub mod ingest;
+pub mod query;
+pub mod state;
 
 use std::process::ExitCode;
 
@@ -37,6 +39,8 @@ pub struct Config {
 /// The running service.
 pub struct Telemetry {
     ingest: ingest::Ingest,
+    nats: async_nats::Client,
+    pool: sqlx::PgPool,
 }
 
 impl Service for Telemetry {
@@ -50,12 +54,20 @@ impl Service for Telemetry {
     async fn build(config: Config, ctx: &BuildContext) -> Result<Self, BoxError> {
         let pool = config.database.pool()?;
         let nats = liftwire_runtime::nats::connect(&config.nats, "liftwire-telemetry").await?;
-        let ingest = ingest::Ingest::build(config.ingest, &config.nats, nats, pool, ctx).await?;
-        Ok(Self { ingest })
+        let ingest =
+            ingest::Ingest::build(config.ingest, &config.nats, nats.clone(), pool.clone(), ctx)
+                .await?;
+        Ok(Self { ingest, nats, pool })
     }
 
     async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
-        self.ingest.run(shutdown).await
+        let served = async {
+            query::serve(self.nats, self.pool, shutdown.clone())
+                .await
+                .map_err(BoxError::from)
+        };
+        tokio::try_join!(self.ingest.run(shutdown.clone()), served)?;
+        Ok(())
     }
 }
 
