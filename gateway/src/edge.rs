@@ -242,6 +242,58 @@ fn refused(metrics: &Metrics, reason: &'static str, peer: SocketAddr) {
     tracing::debug!(%peer, reason, "edge connection refused");
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Accepts connections until `shutdown`; each runs `handshake` in its own task under the
+/// handshake timeout (at most `max_pending_handshakes` at once), then `serve`. A slow or silent
+/// client therefore never delays anybody else's handshake.
+async fn accept_loop<H, HF, C, S, SF>(
+    what: &'static str,
+    listener: TcpListener,
+    limits: EdgeLimits,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    handshake: H,
+    serve: S,
+) where
+    H: Fn(TcpStream) -> HF + Clone + Send + 'static,
+    HF: std::future::Future<Output = Result<C, &'static str>> + Send,
+    C: Send + 'static,
+    S: Fn(C) -> SF + Clone + Send + 'static,
+    SF: std::future::Future<Output = Result<(), BoxError>> + Send,
+{
+    let pending = Arc::new(Semaphore::new(limits.max_pending_handshakes));
+    loop {
+        let (socket, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, what, "accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = pending.clone().acquire_owned().await else {
+            break;
+        };
+        let (metrics, handshake, serve) = (metrics.clone(), handshake.clone(), serve.clone());
+        tokio::spawn(async move {
+            let result = tokio::time::timeout(limits.handshake_timeout, handshake(socket)).await;
+            drop(permit);
+            match result {
+                Ok(Ok(connection)) => {
+                    if let Err(e) = serve(connection).await {
+                        tracing::debug!(%peer, what, error = %e, "connection ended");
+                    }
+                }
+                Ok(Err(reason)) => refused(&metrics, reason, peer),
+                Err(_) => refused(&metrics, "handshake_timeout", peer),
+            }
+        });
+    }
+}
+
 /// Serves MQTT over TLS on `listener` until `shutdown`.
 pub async fn serve_tls(
     listener: TcpListener,
@@ -252,49 +304,25 @@ pub async fn serve_tls(
     shutdown: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let pending = Arc::new(Semaphore::new(limits.max_pending_handshakes));
-    loop {
-        let (socket, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "TLS accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let Ok(permit) = pending.clone().acquire_owned().await else {
-            break;
-        };
+    let handshake = move |socket: TcpStream| {
         let acceptor = acceptor.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let handshake = async {
-                let mut stream = acceptor.accept(socket).await.map_err(|_| "tls_handshake")?;
-                let mut first = BytesMut::new();
-                let cert = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .cloned();
-                let to = read_connect(&mut stream, &mut first, upstream, cert.as_ref()).await?;
-                Ok::<_, &'static str>((stream, first, to))
-            };
-            let result = tokio::time::timeout(limits.handshake_timeout, handshake).await;
-            drop(permit);
-            match result {
-                Ok(Ok((stream, first, to))) => {
-                    if let Err(e) = splice(stream, first, to).await {
-                        tracing::debug!(%peer, error = %e, "TLS connection ended");
-                    }
-                }
-                Ok(Err(reason)) => refused(&metrics, reason, peer),
-                Err(_) => refused(&metrics, "handshake_timeout", peer),
-            }
-        });
-    }
+        async move {
+            let mut stream = acceptor.accept(socket).await.map_err(|_| "tls_handshake")?;
+            let mut first = BytesMut::new();
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .cloned();
+            let to = read_connect(&mut stream, &mut first, upstream, cert.as_ref()).await?;
+            Ok((stream, first, to))
+        }
+    };
+    let serve = |(stream, first, to)| async move {
+        splice(stream, first, to).await.map_err(BoxError::from)
+    };
+    accept_loop("tls", listener, limits, metrics, shutdown, handshake, serve).await;
 }
 
 /// Serves MQTT over WebSocket (subprotocol `mqtt`, binary frames) on `listener` until `shutdown`.
@@ -305,58 +333,44 @@ pub async fn serve_websocket(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let pending = Arc::new(Semaphore::new(limits.max_pending_handshakes));
-    loop {
-        let (socket, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "WebSocket accept failed");
-                    continue;
+    let handshake = |socket: TcpStream| async move {
+        #[allow(clippy::result_large_err)] // the callback's signature is tungstenite's
+        let accepted = tokio_tungstenite::accept_hdr_async(
+            socket,
+            |request: &Request, mut response: Response| {
+                let asks_mqtt = request
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.split(',').any(|p| p.trim() == "mqtt"));
+                if asks_mqtt {
+                    response
+                        .headers_mut()
+                        .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
                 }
+                Ok(response)
             },
-            _ = shutdown.cancelled() => break,
-        };
-        let Ok(permit) = pending.clone().acquire_owned().await else {
-            break;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            #[allow(clippy::result_large_err)] // the callback's signature is tungstenite's
-            let accept = tokio_tungstenite::accept_hdr_async(
-                socket,
-                |request: &Request, mut response: Response| {
-                    let asks_mqtt = request
-                        .headers()
-                        .get("sec-websocket-protocol")
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|v| v.split(',').any(|p| p.trim() == "mqtt"));
-                    if asks_mqtt {
-                        response
-                            .headers_mut()
-                            .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
-                    }
-                    Ok(response)
-                },
-            );
-            let result = tokio::time::timeout(limits.handshake_timeout, accept).await;
-            drop(permit);
-            let ws = match result {
-                Ok(Ok(ws)) => ws,
-                Ok(Err(_)) => return refused(&metrics, "websocket_handshake", peer),
-                Err(_) => return refused(&metrics, "handshake_timeout", peer),
-            };
-            if let Err(e) = bridge_websocket(ws, upstream).await {
-                tracing::debug!(%peer, error = %e, "WebSocket connection ended");
-            }
-        });
-    }
+        )
+        .await;
+        accepted.map_err(|_| "websocket_handshake")
+    };
+    let serve = move |ws| bridge_websocket(ws, upstream);
+    accept_loop(
+        "websocket",
+        listener,
+        limits,
+        metrics,
+        shutdown,
+        handshake,
+        serve,
+    )
+    .await;
 }
 
 async fn bridge_websocket(
     ws: tokio_tungstenite::WebSocketStream<TcpStream>,
     upstream: Upstream,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), BoxError> {
     let (mut ws_tx, mut ws_rx) = ws.split();
     let mut first = BytesMut::new();
     // Frames until the CONNECT is complete, to pick the broker listener by protocol level.

@@ -160,6 +160,22 @@ impl Default for MqttConfig {
     }
 }
 
+/// A broker listener on `addr`, started when the gateway runs.
+fn start_later<P: rumqttd::protocol::Protocol + Clone + Send + Sync + 'static>(
+    addr: SocketAddr,
+    what: &'static str,
+    mut server: Server<P>,
+) -> Listener {
+    let start = move || {
+        tokio::spawn(async move {
+            if let Err(e) = server.start(LinkType::Remote).await {
+                tracing::error!(error = %e, what, "broker listener failed");
+            }
+        })
+    };
+    (addr, Box::new(start))
+}
+
 /// Resolves port 0 to a concrete free port: rumqttd binds by itself and does not report it.
 fn concrete(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     if addr.port() != 0 {
@@ -331,57 +347,32 @@ impl Service for Gateway {
         });
 
         let mqtt_addr = concrete(config.mqtt.listen)?;
-        let mut servers: Vec<Listener> = Vec::new();
-        let v4 = Guard::new(V4, shared.clone(), true);
-        let mut server = Server::new(
+        let settings = |name: &str, addr| {
             server_settings(
-                "v4",
-                mqtt_addr,
+                name,
+                addr,
                 &config.mqtt,
                 registry.clone(),
                 shared.clone(),
                 links.clone(),
-            ),
+            )
+        };
+        let v4 = Server::new(
+            settings("v4", mqtt_addr),
             router_sender.clone(),
-            v4,
+            Guard::new(V4, shared.clone(), true),
         );
-        servers.push((
-            mqtt_addr,
-            Box::new(move || {
-                tokio::spawn(async move {
-                    if let Err(e) = server.start(LinkType::Remote).await {
-                        tracing::error!(error = %e, "MQTT listener failed");
-                    }
-                })
-            }),
-        ));
+        let mut servers = vec![start_later(mqtt_addr, "MQTT 3.1.1", v4)];
         let mut mqtt_v5_addr = None;
         if let Some(listen) = config.mqtt.listen_v5 {
             let addr = concrete(listen)?;
             mqtt_v5_addr = Some(addr);
-            let v5 = Guard::new(V5, shared.clone(), false);
-            let mut server = Server::new(
-                server_settings(
-                    "v5",
-                    addr,
-                    &config.mqtt,
-                    registry.clone(),
-                    shared.clone(),
-                    links.clone(),
-                ),
+            let v5 = Server::new(
+                settings("v5", addr),
                 router_sender.clone(),
-                v5,
+                Guard::new(V5, shared.clone(), false),
             );
-            servers.push((
-                addr,
-                Box::new(move || {
-                    tokio::spawn(async move {
-                        if let Err(e) = server.start(LinkType::Remote).await {
-                            tracing::error!(error = %e, "MQTT 5 listener failed");
-                        }
-                    })
-                }),
-            ));
+            servers.push(start_later(addr, "MQTT 5", v5));
         }
         let tls = match &config.mqtt.tls {
             Some(tls) => Some((
