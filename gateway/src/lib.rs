@@ -272,13 +272,20 @@ fn server_settings(
         async move {
             let client_id = protocol::device_of(&broker_id).to_owned();
             match registry.authenticate(&client_id, &username, &password).await {
-                Ok(identity) => {
-                    if let Some(previous) = shared.authenticated(identity, broker_id) {
-                        // One connection per device: the new one replaces the old at once.
-                        takeover(&links, previous.broker_id).await;
+                Ok(identity) => match shared.authenticated(identity, broker_id) {
+                    Ok(previous) => {
+                        if let Some(previous) = previous {
+                            // One connection per device: the new one replaces the old at once.
+                            takeover(&links, previous.broker_id).await;
+                        }
+                        true
                     }
-                    true
-                }
+                    Err(session::Superseded) => {
+                        // A newer connection of this device logged in first: this one is stale.
+                        shared.metrics.auth_failures.get_or_create(&Reason { reason: "superseded" }).inc();
+                        false
+                    }
+                },
                 Err(failure) => {
                     shared.metrics.auth_failures.get_or_create(&Reason { reason: failure.reason() }).inc();
                     tracing::warn!(client_id = %client_id.chars().take(64).collect::<String>(), reason = failure.reason(), "login refused");

@@ -53,6 +53,19 @@ pub struct PresenceChange {
     pub reason: DisconnectReason,
 }
 
+/// A newer connection of the same device is already authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a newer connection of this device is already in place")]
+pub struct Superseded;
+
+/// The connection number in a broker id (`{device}~{n}`); 0 if absent.
+fn connection_number(broker_id: &str) -> u64 {
+    broker_id
+        .rsplit_once(crate::protocol::BROKER_ID_SEPARATOR)
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Everything connections share.
 pub struct Shared {
     sessions: Mutex<HashMap<String, Session>>,
@@ -90,21 +103,32 @@ impl Shared {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a successful authentication of connection `broker_id`; returns the device's
-    /// previous session, which the caller must close (a device has one connection at a time).
-    pub fn authenticated(&self, identity: Identity, broker_id: String) -> Option<Session> {
+    /// Records a successful authentication of connection `broker_id`. A device has one connection
+    /// at a time and the newest one wins, by connection order (not by which login finished
+    /// first): returns `Ok(previous)` with the older session the caller must close, or an error
+    /// when a newer connection of the device is already in place and this one must be refused.
+    pub fn authenticated(
+        &self,
+        identity: Identity,
+        broker_id: String,
+    ) -> Result<Option<Session>, Superseded> {
+        let mut sessions = self.sessions();
+        let device = identity.device.to_string();
+        if let Some(current) = sessions.get(&device) {
+            if connection_number(&current.broker_id) > connection_number(&broker_id) {
+                return Err(Superseded);
+            }
+        }
         let session = Session {
             identity: Arc::new(identity),
             broker_id,
             kicked: Arc::new(AtomicBool::new(false)),
         };
-        let previous = self
-            .sessions()
-            .insert(session.identity.device.to_string(), session);
+        let previous = sessions.insert(device, session);
         if let Some(previous) = &previous {
             previous.kicked.store(true, Ordering::SeqCst);
         }
-        previous
+        Ok(previous)
     }
 
     /// The session of `client_id`, if authenticated.
@@ -143,5 +167,55 @@ impl Shared {
                 .get_or_create(&crate::metrics::Kind { kind: "dropped" })
                 .inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::DeviceKind;
+    use liftwire_proto::naming::{BuildingId, DeviceId};
+
+    fn shared() -> Shared {
+        let (uplink, _) = mpsc::channel(1);
+        let (presence, _) = mpsc::channel(1);
+        Shared::new(
+            uplink,
+            presence,
+            Metrics::register(&mut prometheus_client::registry::Registry::default()),
+            (1.0, 1.0),
+        )
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            device: DeviceId::new("elev-1").unwrap(),
+            building: BuildingId::new("b1").unwrap(),
+            kind: DeviceKind::Elevator,
+        }
+    }
+
+    #[test]
+    fn the_newest_connection_wins_whatever_order_logins_finish_in() {
+        let shared = shared();
+        assert!(shared
+            .authenticated(identity(), "elev-1~15".into())
+            .unwrap()
+            .is_none());
+        // The older connection's login finished last: it is refused, the newer one stays.
+        assert_eq!(
+            shared
+                .authenticated(identity(), "elev-1~14".into())
+                .unwrap_err(),
+            Superseded
+        );
+        assert_eq!(shared.session("elev-1").unwrap().broker_id, "elev-1~15");
+        // A newer connection replaces the current one, which is marked to close.
+        let previous = shared
+            .authenticated(identity(), "elev-1~16".into())
+            .unwrap()
+            .unwrap();
+        assert_eq!(previous.broker_id, "elev-1~15");
+        assert!(previous.kicked.load(Ordering::SeqCst));
     }
 }
