@@ -157,7 +157,7 @@ token=$("$bin/liftwire-api" mint-token --subject dev --role admin --ttl 8h)
 # Simulated elevators and their screens (2 buildings x 2 elevators, 10x real time), provisioned in the registry,
 # publishing over MQTT like real firmware; outboxes and secrets under $data/firmware-sim.
 LIFTWIRE_FIRMWARE_SIM__MQTT__PORT=$mqtt_port LIFTWIRE_FIRMWARE_SIM__RUN__DATA_DIR="$data/firmware-sim" \
-LIFTWIRE_FIRMWARE_SIM__RUN__SPEED=10 LIFTWIRE_FIRMWARE_SIM__REGISTRY__DATABASE_URL="$pg_gateway" \
+LIFTWIRE_FIRMWARE_SIM__RUN__SPEED=10 LIFTWIRE_FIRMWARE_SIM__REGISTRY__DATABASE_URL="$pg_gateway" LIFTWIRE_FIRMWARE_SIM__FLEET__ID_PREFIX=dev \
   "$bin/liftwire-firmware-sim" run >"$logs/firmware-sim.log" 2>&1 &
 pids+=($!)
 
@@ -175,11 +175,11 @@ liftwire backbone is running (data: $data, logs: $logs)
   gateway (MQTT)     mqtt://127.0.0.1:$mqtt_port       admin http://127.0.0.1:$gateway_admin/metrics  /healthz  /readyz
   telemetry          admin http://127.0.0.1:$telemetry_admin/metrics  /healthz  /readyz
   dashboard API      http://127.0.0.1:$api_port/api/v1   admin http://127.0.0.1:$api_admin/metrics
-  firmware-sim       4 simulated elevators + 4 in-cabin screens (sim-b01, sim-b02), 10x real time; log $logs/firmware-sim.log
+  firmware-sim       4 simulated elevators + 4 in-cabin screens (dev-b01, dev-b02), 10x real time; log $logs/firmware-sim.log
 
   An admin token for the API (8 h; mint others with: $bin/liftwire-api mint-token --help):
     curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/me
-    curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/buildings/sim-b01/live
+    curl -H "Authorization: Bearer $token" http://127.0.0.1:$api_port/api/v1/buildings/dev-b01/live
 
   Demo device demo-elev-1 in building demo (secret rotated at every start). Publish as it:
     $bin/liftwire-firmware-sim envelope --device demo-elev-1 --seq 1 > /tmp/liftwire-envelope.bin

@@ -136,6 +136,58 @@ pub enum Target {
 /// A chaos command for some devices.
 pub type ChaosCommand = (Target, Chaos);
 
+/// One MQTT connection: the client, and its event loop in a task of its own. rumqttc's
+/// `EventLoop::poll` must not be cancelled while it connects (a cancelled connect leaves a
+/// half-open CONNECT behind and the next poll dials again), so it never sits in a `select!`.
+struct Link {
+    client: AsyncClient,
+    events: tokio::sync::mpsc::UnboundedReceiver<Result<Event, String>>,
+    /// After an error the task waits for this before dialing again (the device's backoff).
+    resume: tokio::sync::mpsc::UnboundedSender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    /// A connection; with `paused` it dials only at the first [`Link::resume`].
+    fn open(options: &MqttOptions, paused: bool) -> Self {
+        let (client, mut eventloop) = AsyncClient::new(options.clone(), 256);
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let (resume, mut resume_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let task = tokio::spawn(async move {
+            if paused && resume_rx.recv().await.is_none() {
+                return;
+            }
+            loop {
+                let event = eventloop.poll().await;
+                let failed = event.is_err();
+                if events_tx.send(event.map_err(|e| e.to_string())).is_err() {
+                    return;
+                }
+                if failed && resume_rx.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+        Self {
+            client,
+            events,
+            resume,
+            task,
+        }
+    }
+
+    fn resume(&self) {
+        let _ = self.resume.send(());
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Dropping the event loop closes the TCP connection without a DISCONNECT.
+        self.task.abort();
+    }
+}
+
 /// What every device of a fleet shares.
 #[derive(Debug)]
 pub struct Wiring {
@@ -184,7 +236,7 @@ pub async fn run(
         QoS::AtLeastOnce,
         false,
     ));
-    let (mut client, mut eventloop) = AsyncClient::new(options.clone(), 256);
+    let mut link = Link::open(&options, false);
     let downlink = Downlink {
         building: building.clone(),
         audience: Audience::Device(device.clone()),
@@ -229,10 +281,10 @@ pub async fn run(
                             stats.disconnects.fetch_add(1, Ordering::Relaxed);
                         }
                         connected = false;
-                        (client, eventloop) = AsyncClient::new(options.clone(), 256);
+                        link = Link::open(&options, true);
                         retry_at = Some(Instant::now() + duration);
                     }
-                    Chaos::Misbehave => misbehave(&client, &building, &device),
+                    Chaos::Misbehave => misbehave(&link.client, &building, &device),
                     Chaos::Incident(incident) => {
                         if let Firmware::Elevator(elevator) = &mut firmware {
                             for envelope in elevator.inject(incident) {
@@ -240,7 +292,7 @@ pub async fn run(
                                 outbox.push(envelope)?;
                                 if connected && resend_from.is_none() {
                                     if let Some(envelope) = outbox.last() {
-                                        send(&client, &building, envelope, &stats);
+                                        send(&link.client, &building, envelope, &stats);
                                     }
                                 }
                             }
@@ -253,7 +305,7 @@ pub async fn run(
                         }
                         connected = false;
                         // A fresh client drops the old TCP connection and dials at once.
-                        (client, eventloop) = AsyncClient::new(options.clone(), 256);
+                        link = Link::open(&options, false);
                         retry_at = None;
                     }
                 }
@@ -265,13 +317,13 @@ pub async fn run(
                     // Live messages go at once when nothing older is waiting.
                     if connected && resend_from.is_none() {
                         if let Some(envelope) = outbox.last() {
-                            send(&client, &building, envelope, &stats);
+                            send(&link.client, &building, envelope, &stats);
                         }
                     }
                 }
                 if connected {
                     if let Some(from) = resend_from {
-                        resend_from = resend(&client, &building, &outbox, from, per_tick, &stats);
+                        resend_from = resend(&link.client, &building, &outbox, from, per_tick, &stats);
                     } else if !outbox.is_empty() && last_progress.elapsed() > Duration::from_secs(30) {
                         // Sent but never confirmed (dropped somewhere): resend from the watermark.
                         resend_from = Some(outbox.watermark() + 1);
@@ -281,14 +333,15 @@ pub async fn run(
             }
             _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)).await }, if retry_at.is_some() => {
                 retry_at = None;
+                link.resume();
             }
-            event = eventloop.poll(), if retry_at.is_none() => match event {
+            Some(event) = link.events.recv() => match event {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     connected = true;
                     stats.connected.fetch_add(1, Ordering::Relaxed);
                     backoff = settings.min_backoff;
                     for filter in &filters {
-                        let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        let _ = link.client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
                     }
                     resend_from = (!outbox.is_empty()).then(|| outbox.watermark() + 1);
                     last_progress = Instant::now();
@@ -330,9 +383,9 @@ pub async fn run(
     }
     if connected {
         stats.connected.fetch_sub(1, Ordering::Relaxed);
-        let _ = client.try_disconnect();
+        let _ = link.client.try_disconnect();
         // Let the DISCONNECT go out.
-        let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), link.events.recv()).await;
     }
     Ok(outbox)
 }
