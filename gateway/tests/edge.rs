@@ -152,8 +152,9 @@ async fn idle_sockets_do_not_block_tls_handshakes_and_certificates_bind_the_devi
         .unwrap()
         .unwrap();
     assert_eq!(connack, CONNACK_OK);
+    // Handshakes one after another would wait out each idle socket's 500 ms timeout (>= 2.5 s).
     assert!(
-        started.elapsed() < Duration::from_millis(500),
+        started.elapsed() < Duration::from_secs(2),
         "served while idle sockets were pending"
     );
     // An MQTT publish over TLS goes through the same guard and bridge.
