@@ -13,6 +13,7 @@
 //! building-wide    NATS  lw.v1.down.{building}._all.{kind}            (e.g. notices for all screens)
 //!                  MQTT  lw/v1/{building}/_all/down/{kind}
 //! presence         NATS  lw.v1.presence.{building}.{device}
+//! live state       NATS  lw.v1.state.{building}.{device}              (telemetry → API)
 //! dead letters     NATS  lw.v1.dlq.{source}                           (stream LW_DLQ)
 //! alerts           NATS  lw.v1.alerts.{building}
 //! reports          NATS  lw.v1.reports.request, lw.v1.reports.ready.{building}
@@ -436,6 +437,16 @@ pub fn dead_letter_subject(source: &str) -> Result<String, NameError> {
         source,
     })?;
     Ok(format!("{NATS_ROOT}.dlq.{source}"))
+}
+
+/// Subject on which telemetry announces an elevator's new live state.
+pub fn state_subject(building: &BuildingId, device: &DeviceId) -> String {
+    format!("{NATS_ROOT}.state.{building}.{device}")
+}
+
+/// Subject filter covering the live-state changes of every elevator of a building.
+pub fn building_state_filter(building: &BuildingId) -> String {
+    format!("{NATS_ROOT}.state.{building}.*")
 }
 
 /// Subject of alerts raised for a building.

@@ -153,6 +153,43 @@ async fn a_manager_sees_the_live_state_of_their_building_only() {
     assert_eq!(elevator.open_faults.len(), 1);
     assert_eq!(elevator.open_faults[0].code, "FAULT_CODE_SAFETY_CHAIN_OPEN");
 
+    // The live stream: a change made by the device reaches the open stream.
+    let mut stream = http
+        .get(format!("{base}/api/v1/buildings/mc-larvotto/live/stream"))
+        .bearer_auth(manager.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let moved = v1::envelope::Body::Telemetry(v1::Telemetry {
+        mode: v1::OperatingMode::Normal as i32,
+        floor: 7,
+        ..Default::default()
+    });
+    client
+        .publish(
+            "lw/v1/mc-larvotto/elev-1/up/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            envelope(4, moved),
+        )
+        .await
+        .unwrap();
+    let mut received = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !received.contains("\"floor\":7") {
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk())
+            .await
+            .expect("a live event in time")
+            .unwrap()
+            .expect("stream open");
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(received.contains("event: elevator"), "{received}");
+    assert!(received.contains("\"device_id\":\"elev-1\""), "{received}");
+    drop(stream);
+
     // A manager of another building gets nothing, whatever id they try.
     let other = mint(
         &auth,
@@ -163,6 +200,13 @@ async fn a_manager_sees_the_live_state_of_their_building_only() {
     )
     .unwrap();
     assert_eq!(get(other.clone()).await.status(), 403);
+    let stream = http
+        .get(format!("{base}/api/v1/buildings/mc-larvotto/live/stream"))
+        .bearer_auth(other.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 403, "nor a stream of it");
     let bad = http
         .get(format!("{base}/api/v1/buildings/mc.larvotto/live"))
         .bearer_auth(other)

@@ -70,6 +70,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/api/v1/buildings/{building}/live",
             get(live::building_live_state),
         )
+        .route(
+            "/api/v1/buildings/{building}/live/stream",
+            get(live::building_live_stream),
+        )
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

@@ -139,3 +139,48 @@ pub async fn building_live_state(
         elevators: reply.elevators.into_iter().map(Elevator::from).collect(),
     }))
 }
+
+/// `GET /api/v1/buildings/{building}/live/stream`: Server-Sent Events, one `elevator` event
+/// (the same JSON as in [`BuildingLive`]) each time an elevator of the building changes.
+pub async fn building_live_stream(
+    principal: Principal,
+    State(state): State<AppState>,
+    Path(building): Path<String>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+
+    let building = BuildingId::new(building)
+        .map_err(|e| ApiError::BadRequest(format!("invalid building id: {e}")))?;
+    if !principal.may_read(&building) {
+        return Err(ApiError::Forbidden);
+    }
+    let changes = state
+        .nats
+        .subscribe(liftwire_proto::naming::building_state_filter(&building))
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "subscribing to live-state changes failed");
+            ApiError::Unavailable
+        })?;
+    // The subscription is in place on the server before the stream starts: no change is missed.
+    state
+        .nats
+        .flush()
+        .await
+        .map_err(|_| ApiError::Unavailable)?;
+    let events = changes.filter_map(|message| async move {
+        let elevator = Elevator::from(v1::ElevatorState::decode(message.payload.as_ref()).ok()?);
+        Event::default()
+            .event("elevator")
+            .json_data(elevator)
+            .ok()
+            .map(Ok)
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}

@@ -7,8 +7,8 @@ use async_nats::jetstream::{self, consumer::pull, AckKind};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use liftwire_proto::naming::{
-    dead_letter_subject, Audience, BuildingId, DeviceId, Downlink, DownlinkKind, Uplink,
-    DEAD_LETTER_STREAM, UPLINK_STREAM,
+    dead_letter_subject, state_subject, Audience, BuildingId, DeviceId, Downlink, DownlinkKind,
+    Uplink, DEAD_LETTER_STREAM, UPLINK_STREAM,
 };
 use liftwire_proto::{v1, Message, SCHEMA_VERSION};
 use liftwire_runtime::admin::ReadinessCheck;
@@ -217,7 +217,7 @@ pub struct WatermarkAdvance {
 async fn write_batch(
     pool: &sqlx::PgPool,
     rows: &[Row],
-) -> Result<(u64, Vec<WatermarkAdvance>), sqlx::Error> {
+) -> Result<(u64, Vec<WatermarkAdvance>, Vec<v1::ElevatorState>), sqlx::Error> {
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO device_messages (device_id, seq, building_id, kind, device_time, payload)
@@ -280,9 +280,10 @@ async fn write_batch(
     .bind(&device_ids)
     .fetch_all(&mut *tx)
     .await?;
+    let mut states = Vec::new();
     for (device_id, building_id, persisted_seq) in &advanced {
         let from = before.get(device_id).copied().unwrap_or(0);
-        update_state(&mut tx, device_id, building_id, from, *persisted_seq).await?;
+        states.extend(update_state(&mut tx, device_id, building_id, from, *persisted_seq).await?);
     }
     tx.commit().await?;
     let advanced = advanced
@@ -293,7 +294,7 @@ async fn write_batch(
             persisted_seq,
         })
         .collect();
-    Ok((inserted, advanced))
+    Ok((inserted, advanced, states))
 }
 
 /// Folds the messages `(from, to]` of a device (now contiguous) into its live state.
@@ -303,7 +304,7 @@ async fn update_state(
     building_id: &str,
     from: i64,
     to: i64,
-) -> Result<(), sqlx::Error> {
+) -> Result<Option<v1::ElevatorState>, sqlx::Error> {
     let current: Option<(i64, Vec<u8>)> = sqlx::query_as(
         "SELECT applied_seq, state FROM elevator_state WHERE device_id = $1 FOR UPDATE",
     )
@@ -321,7 +322,7 @@ async fn update_state(
     .await?;
     if messages.is_empty() && current.is_none() {
         // Not an elevator (e.g. a screen): no state to keep.
-        return Ok(());
+        return Ok(None);
     }
     let mut state = current
         .and_then(|(_, bytes)| v1::ElevatorState::decode(bytes.as_slice()).ok())
@@ -346,7 +347,7 @@ async fn update_state(
     .bind(state.encode_to_vec())
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    Ok(Some(state))
 }
 
 /// The ingest loop.
@@ -488,7 +489,7 @@ impl Ingest {
             return Ok(());
         }
         let written = write_batch(&self.pool, &rows).await;
-        let (inserted, advanced) = match written {
+        let (inserted, advanced, states) = match written {
             Ok(result) => result,
             Err(e) => {
                 for message in &accepted {
@@ -521,7 +522,31 @@ impl Ingest {
         for advance in advanced {
             self.publish_watermark(&advance).await;
         }
+        for state in states {
+            self.publish_state(&state).await;
+        }
         Ok(())
+    }
+
+    /// Announces an elevator's new live state (for live dashboards; best effort, the state
+    /// itself is in the database).
+    async fn publish_state(&self, state: &v1::ElevatorState) {
+        let (Ok(building), Ok(device)) = (
+            BuildingId::new(state.building_id.as_str()),
+            DeviceId::new(state.device_id.as_str()),
+        ) else {
+            return;
+        };
+        if let Err(e) = self
+            .nats
+            .publish(
+                state_subject(&building, &device),
+                state.encode_to_vec().into(),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, device = %state.device_id, "publishing a state change failed");
+        }
     }
 
     async fn publish_watermark(&self, advance: &WatermarkAdvance) {
