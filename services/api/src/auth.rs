@@ -90,9 +90,19 @@ pub struct Principal {
     pub role: Role,
     /// Buildings in scope (unused for admins).
     pub buildings: BTreeSet<BuildingId>,
+    /// When the token expires (seconds since the Unix epoch); long-lived responses end then.
+    pub expires_at: u64,
 }
 
 impl Principal {
+    /// Time left until the token expires (zero if already expired).
+    pub fn remaining(&self) -> Duration {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Duration::from_secs(self.expires_at.saturating_sub(now))
+    }
+
     /// Whether the caller may read `building`'s data.
     pub fn may_read(&self, building: &BuildingId) -> bool {
         self.role == Role::Admin || self.buildings.contains(building)
@@ -161,6 +171,7 @@ impl Authenticator {
             subject: claims.sub,
             role: claims.role,
             buildings,
+            expires_at: claims.exp,
         })
     }
 }
@@ -220,6 +231,7 @@ mod tests {
     fn principal(role: Role, buildings: &[&str]) -> Principal {
         Principal {
             subject: "u".into(),
+            expires_at: 0,
             role,
             buildings: buildings
                 .iter()

@@ -141,7 +141,8 @@ pub async fn building_live_state(
 }
 
 /// `GET /api/v1/buildings/{building}/live/stream`: Server-Sent Events, one `elevator` event
-/// (the same JSON as in [`BuildingLive`]) each time an elevator of the building changes.
+/// (the same JSON as in [`BuildingLive`]) each time an elevator of the building changes, until
+/// the token expires.
 pub async fn building_live_stream(
     principal: Principal,
     State(state): State<AppState>,
@@ -174,13 +175,17 @@ pub async fn building_live_stream(
         .flush()
         .await
         .map_err(|_| ApiError::Unavailable)?;
-    let events = changes.filter_map(|message| async move {
-        let elevator = Elevator::from(v1::ElevatorState::decode(message.payload.as_ref()).ok()?);
-        Event::default()
-            .event("elevator")
-            .json_data(elevator)
-            .ok()
-            .map(Ok)
-    });
+    let events = changes
+        .filter_map(|message| async move {
+            let elevator =
+                Elevator::from(v1::ElevatorState::decode(message.payload.as_ref()).ok()?);
+            Event::default()
+                .event("elevator")
+                .json_data(elevator)
+                .ok()
+                .map(Ok)
+        })
+        // The stream is worth no more than the token that opened it.
+        .take_until(tokio::time::sleep(principal.remaining()));
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }

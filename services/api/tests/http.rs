@@ -178,3 +178,33 @@ async fn unknown_routes_are_problems() {
     assert_eq!(body["code"], "not_found");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_live_stream_ends_when_its_token_expires() {
+    let server = Server::start().await;
+    let token = mint(
+        &auth_config(),
+        "alice",
+        Role::Manager,
+        &["mc-larvotto".into()],
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let mut stream = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v1/buildings/mc-larvotto/live/stream",
+            server.base
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    // Keep-alive comments may arrive; the body must end once the token has expired.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while stream.chunk().await.unwrap().is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its token");
+    server.stop().await;
+}
