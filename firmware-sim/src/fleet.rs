@@ -93,19 +93,18 @@ impl Fleet {
             .unwrap_or_default()
     }
 
-    /// Starts an incident on every elevator `select(index, building)` picks, built by
-    /// `incident(index)`; returns what the devices send at once.
+    /// Starts `incident(index, building)` on every elevator it returns one for; returns what the
+    /// devices send at once.
     pub fn inject(
         &mut self,
-        select: impl Fn(usize, &str) -> bool,
-        incident: impl Fn(usize) -> Incident,
+        incident: impl Fn(usize, &str) -> Option<Incident>,
     ) -> Vec<(Uplink, v1::Envelope)> {
         let mut out = Vec::new();
         for (i, (building, elevator)) in self.elevators.iter_mut().enumerate() {
-            if !select(i, building.as_str()) {
+            let Some(incident) = incident(i, building.as_str()) else {
                 continue;
-            }
-            for envelope in elevator.inject(incident(i)) {
+            };
+            for envelope in elevator.inject(incident) {
                 if let Some(kind) = envelope.kind() {
                     out.push((
                         Uplink {

@@ -26,6 +26,40 @@ pub enum Scenario {
 }
 
 impl Scenario {
+    /// What happens to the `index`-th elevator of the fleet, if anything: most scenarios hit the
+    /// first elevator, fault bursts and power losses every elevator of the first building.
+    pub fn incident(self, index: usize, in_first_building: bool) -> Option<Incident> {
+        match self {
+            Scenario::FaultBurst if in_first_building => Some(Incident::Fault {
+                code: [
+                    v1::FaultCode::DoorLock,
+                    v1::FaultCode::Drive,
+                    v1::FaultCode::Controller,
+                ][index % 3],
+                vendor_code: format!("E-{:04}", 100 + index),
+                blocking: true,
+                duration_ms: (5 + 5 * (index as u64 % 3)) * MINUTE_MS,
+            }),
+            Scenario::PowerLoss if in_first_building => Some(Incident::PowerLoss {
+                duration_ms: 20 * MINUTE_MS,
+            }),
+            Scenario::Entrapment if index == 0 => Some(Incident::Entrapment {
+                duration_ms: 25 * MINUTE_MS,
+            }),
+            Scenario::DoorReopenStorm if index == 0 => {
+                Some(Incident::DoorReopenStorm { stops: 10 })
+            }
+            Scenario::ClockSkew if index == 0 => Some(Incident::ClockSkew {
+                offset_ms: 2 * 3600 * 1000,
+            }),
+            Scenario::Maintenance if index == 0 => Some(Incident::Maintenance {
+                planned: true,
+                duration_ms: 45 * MINUTE_MS,
+            }),
+            _ => None,
+        }
+    }
+
     /// The same scenario as chaos commands for a running fleet (`liftwire-firmware-sim run
     /// --scenario`): which devices, which incident.
     pub fn commands(
@@ -35,99 +69,22 @@ impl Scenario {
         use crate::device::{Chaos, Target};
         let elevators = Fleet::new(fleet)?.into_elevators();
         let first_building = elevators.first().map(|(b, _)| b.clone());
-        let mut commands = Vec::new();
-        for (i, (building, elevator)) in elevators.iter().enumerate() {
-            let in_first = Some(building) == first_building.as_ref();
-            let incident = match self {
-                Scenario::FaultBurst if in_first => Some(Incident::Fault {
-                    code: [
-                        v1::FaultCode::DoorLock,
-                        v1::FaultCode::Drive,
-                        v1::FaultCode::Controller,
-                    ][i % 3],
-                    vendor_code: format!("E-{:04}", 100 + i),
-                    blocking: true,
-                    duration_ms: (5 + 5 * (i as u64 % 3)) * MINUTE_MS,
-                }),
-                Scenario::PowerLoss if in_first => Some(Incident::PowerLoss {
-                    duration_ms: 20 * MINUTE_MS,
-                }),
-                Scenario::Entrapment if i == 0 => Some(Incident::Entrapment {
-                    duration_ms: 25 * MINUTE_MS,
-                }),
-                Scenario::DoorReopenStorm if i == 0 => {
-                    Some(Incident::DoorReopenStorm { stops: 10 })
-                }
-                Scenario::ClockSkew if i == 0 => Some(Incident::ClockSkew {
-                    offset_ms: 2 * 3600 * 1000,
-                }),
-                Scenario::Maintenance if i == 0 => Some(Incident::Maintenance {
-                    planned: true,
-                    duration_ms: 45 * MINUTE_MS,
-                }),
-                _ => None,
-            };
-            if let Some(incident) = incident {
-                commands.push((
+        Ok(elevators
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (building, elevator))| {
+                let incident = self.incident(i, Some(building) == first_building.as_ref())?;
+                Some((
                     Target::Device(elevator.device().clone()),
                     Chaos::Incident(incident),
-                ));
-            }
-        }
-        Ok(commands)
+                ))
+            })
+            .collect())
     }
 
     /// Starts the scenario on `fleet` now; returns what the devices send at once.
     pub fn apply(self, fleet: &mut Fleet) -> Vec<(Uplink, v1::Envelope)> {
-        let first_building = |i: usize, b: &str, fleet_first: &str| i == 0 || b == fleet_first;
-        match self {
-            Scenario::Entrapment => fleet.inject(
-                |i, _| i == 0,
-                |_| Incident::Entrapment {
-                    duration_ms: 25 * MINUTE_MS,
-                },
-            ),
-            Scenario::DoorReopenStorm => {
-                fleet.inject(|i, _| i == 0, |_| Incident::DoorReopenStorm { stops: 10 })
-            }
-            Scenario::FaultBurst => {
-                let first = fleet.first_building();
-                fleet.inject(
-                    |i, b| first_building(i, b, &first),
-                    |i| Incident::Fault {
-                        code: [
-                            v1::FaultCode::DoorLock,
-                            v1::FaultCode::Drive,
-                            v1::FaultCode::Controller,
-                        ][i % 3],
-                        vendor_code: format!("E-{:04}", 100 + i),
-                        blocking: true,
-                        duration_ms: (5 + 5 * (i as u64 % 3)) * MINUTE_MS,
-                    },
-                )
-            }
-            Scenario::PowerLoss => {
-                let first = fleet.first_building();
-                fleet.inject(
-                    |i, b| first_building(i, b, &first),
-                    |_| Incident::PowerLoss {
-                        duration_ms: 20 * MINUTE_MS,
-                    },
-                )
-            }
-            Scenario::ClockSkew => fleet.inject(
-                |i, _| i == 0,
-                |_| Incident::ClockSkew {
-                    offset_ms: 2 * 3600 * 1000,
-                },
-            ),
-            Scenario::Maintenance => fleet.inject(
-                |i, _| i == 0,
-                |_| Incident::Maintenance {
-                    planned: true,
-                    duration_ms: 45 * MINUTE_MS,
-                },
-            ),
-        }
+        let first = fleet.first_building();
+        fleet.inject(|i, building| self.incident(i, building == first))
     }
 }
