@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 
 use liftwire_proto::naming::DeviceId;
-use liftwire_proto::{v1, Timestamp, SCHEMA_VERSION};
+use liftwire_proto::{timestamp, timestamp_from_unix_ms, v1, SCHEMA_VERSION};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
@@ -515,10 +515,7 @@ impl Elevator {
                     let lost = self.epoch_unix_ms
                         + i64::try_from(lost_at_ms).unwrap_or(i64::MAX)
                         + self.clock_offset_ms;
-                    let lost_at = Timestamp {
-                        seconds: lost.div_euclid(1000),
-                        nanos: i32::try_from(lost.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-                    };
+                    let lost_at = timestamp_from_unix_ms(lost);
                     self.emit_event(
                         out,
                         v1::event::Kind::PowerRestored(v1::PowerRestored {
@@ -732,10 +729,7 @@ impl Elevator {
             schema_version: SCHEMA_VERSION,
             device_id: self.device.to_string(),
             seq: self.next_seq,
-            device_time: Some(Timestamp {
-                seconds: unix_ms.div_euclid(1000),
-                nanos: i32::try_from(unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-            }),
+            device_time: Some(timestamp_from_unix_ms(unix_ms)),
             body: Some(body),
         });
         self.next_seq += 1;
@@ -744,15 +738,11 @@ impl Elevator {
 
 /// A one-off alarm-button event from `device` at `at`, for manual tests with MQTT tools.
 pub fn alarm_envelope(device: &DeviceId, seq: u64, at: std::time::SystemTime) -> v1::Envelope {
-    let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     v1::Envelope {
         schema_version: SCHEMA_VERSION,
         device_id: device.to_string(),
         seq,
-        device_time: Some(Timestamp {
-            seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
-            nanos: i32::try_from(since_epoch.subsec_nanos()).unwrap_or(0),
-        }),
+        device_time: Some(timestamp(at)),
         body: Some(v1::envelope::Body::Event(v1::Event {
             kind: Some(v1::event::Kind::AlarmButtonPressed(
                 v1::AlarmButtonPressed {},

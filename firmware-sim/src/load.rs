@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use liftwire_proto::naming::{BuildingId, DeviceId, Uplink, UplinkKind};
-use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
+use liftwire_proto::{timestamp, v1, Message, SCHEMA_VERSION};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use serde::Serialize;
 use tokio::time::Instant;
@@ -120,15 +120,11 @@ pub fn device_id(building: &str, index: u32) -> String {
 }
 
 fn envelope(device: &DeviceId, seq: u64, scheduled: SystemTime, payload_bytes: usize) -> Vec<u8> {
-    let since = scheduled.duration_since(UNIX_EPOCH).unwrap_or_default();
     let mut envelope = v1::Envelope {
         schema_version: SCHEMA_VERSION,
         device_id: device.to_string(),
         seq,
-        device_time: Some(Timestamp {
-            seconds: since.as_secs() as i64,
-            nanos: since.subsec_nanos() as i32,
-        }),
+        device_time: Some(timestamp(scheduled)),
         body: Some(v1::envelope::Body::Telemetry(v1::Telemetry {
             mode: v1::OperatingMode::Normal as i32,
             floor: 4,

@@ -3,10 +3,10 @@
 //! from the bus, and acknowledges "content X version V displayed at T".
 
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use liftwire_proto::naming::DeviceId;
-use liftwire_proto::{v1, Timestamp, SCHEMA_VERSION};
+use liftwire_proto::{timestamp, v1, SCHEMA_VERSION};
 use sha2::{Digest, Sha256};
 
 /// Why content could not be shown.
@@ -109,13 +109,7 @@ impl Screen {
         }
         self.shown
             .insert(content.content_id.clone(), content.version);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let at = Timestamp {
-            seconds: now.as_secs() as i64,
-            nanos: now.subsec_nanos() as i32,
-        };
+        let at = timestamp(SystemTime::now());
         self.acks.push(v1::Envelope {
             schema_version: SCHEMA_VERSION,
             device_id: self.device.to_string(),

@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use liftwire_proto::naming::{dead_letter_subject, presence_subject, uplink_msg_id, UplinkKind};
-use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
+use liftwire_proto::{v1, Message, SCHEMA_VERSION};
 use liftwire_runtime::observability::inject_trace_context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -112,16 +112,6 @@ pub fn validate(
         other => return Err(Rejection::Timestamp(format!("{other:?}"))),
     }
     Ok(envelope.seq)
-}
-
-fn now_timestamp() -> Timestamp {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Timestamp {
-        seconds: now.as_secs() as i64,
-        nanos: now.subsec_nanos() as i32,
-    }
 }
 
 /// Bridge settings.
@@ -283,7 +273,7 @@ async fn dead_letter(
             .payload
             .slice(..incoming.payload.len().min(4096))
             .to_vec(),
-        at: Some(now_timestamp()),
+        at: Some(liftwire_proto::timestamp(SystemTime::now())),
     };
     let stored = match js
         .publish(subject.to_owned(), letter.encode_to_vec().into())
@@ -320,7 +310,7 @@ pub async fn presence(
             building_id: change.identity.building.to_string(),
             state: change.state as i32,
             reason: change.reason as i32,
-            at: Some(now_timestamp()),
+            at: Some(liftwire_proto::timestamp(SystemTime::now())),
             gateway_id: gateway_id.clone(),
         };
         let subject = presence_subject(&change.identity.building, &change.identity.device);
@@ -343,6 +333,7 @@ mod tests {
     use super::*;
     use crate::acl::{DeviceKind, Identity};
     use liftwire_proto::naming::{BuildingId, DeviceId, Uplink};
+    use liftwire_proto::Timestamp;
     use std::sync::Arc;
     use std::time::Instant;
 

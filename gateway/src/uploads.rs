@@ -3,14 +3,14 @@
 //! for S3-compatible storage; the device uploads directly, and messages only ever carry the
 //! reference.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::presigning::PresigningConfig;
 use liftwire_proto::naming::{validate_id, Audience, Downlink, DownlinkKind};
-use liftwire_proto::{v1, Message, Timestamp};
+use liftwire_proto::{timestamp, v1, Message};
 use serde::Deserialize;
 
 use crate::session::Incoming;
@@ -195,13 +195,5 @@ impl Uploads {
                 expires_at: Some(timestamp(SystemTime::now() + self.config.url_ttl)),
             }),
         })
-    }
-}
-
-fn timestamp(at: SystemTime) -> Timestamp {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timestamp {
-        seconds: since.as_secs() as i64,
-        nanos: since.subsec_nanos() as i32,
     }
 }

@@ -15,6 +15,23 @@ pub mod v1 {
 pub use prost::Message;
 pub use prost_types::Timestamp;
 
+/// The protobuf timestamp of `at` (the Unix epoch for earlier times).
+pub fn timestamp(at: std::time::SystemTime) -> Timestamp {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// The protobuf timestamp of `ms` milliseconds since the Unix epoch (negative: before it).
+pub fn timestamp_from_unix_ms(ms: i64) -> Timestamp {
+    Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
 /// The schema version carried in every [`v1::Envelope`] of this package.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -74,6 +91,26 @@ mod tests {
         assert_eq!(decoded, envelope);
         assert_eq!(decoded.kind(), Some(naming::UplinkKind::Event));
         assert_eq!(v1::Envelope::default().kind(), None);
+    }
+
+    #[test]
+    fn timestamps_from_system_time_and_milliseconds() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_123);
+        assert_eq!(
+            timestamp(at),
+            Timestamp {
+                seconds: 1_795_000_000,
+                nanos: 123_000_000
+            }
+        );
+        assert_eq!(timestamp_from_unix_ms(1_795_000_000_123), timestamp(at));
+        assert_eq!(
+            timestamp_from_unix_ms(-1),
+            Timestamp {
+                seconds: -1,
+                nanos: 999_000_000
+            }
+        );
     }
 
     #[test]

@@ -564,7 +564,7 @@ impl Ingest {
         .nats_subject();
         let message = v1::Downlink {
             message_id: uuid::Uuid::new_v4().to_string(),
-            issued_at: Some(now()),
+            issued_at: Some(liftwire_proto::timestamp(std::time::SystemTime::now())),
             body: Some(v1::downlink::Body::Watermark(v1::Watermark {
                 persisted_seq: u64::try_from(advance.persisted_seq).unwrap_or(0),
             })),
@@ -600,7 +600,7 @@ impl Ingest {
             device_id,
             origin: message.subject.to_string(),
             payload: message.payload.to_vec(),
-            at: Some(now()),
+            at: Some(liftwire_proto::timestamp(std::time::SystemTime::now())),
         };
         // Stored in the dead-letter stream before the original is terminated: nothing is lost.
         self.js
@@ -612,14 +612,6 @@ impl Ingest {
             .await
             .map_err(|e| -> BoxError { e.to_string().into() })?;
         Ok(())
-    }
-}
-
-fn now() -> liftwire_proto::Timestamp {
-    let now = Utc::now();
-    liftwire_proto::Timestamp {
-        seconds: now.timestamp(),
-        nanos: i32::try_from(now.timestamp_subsec_nanos()).unwrap_or(0),
     }
 }
 
