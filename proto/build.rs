@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "liftwire/v1/events.proto",
     "liftwire/v1/device.proto",
     "liftwire/v1/backend.proto",
+    "liftwire/v1/telemetry_api.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -36,13 +36,8 @@ async fn a_manager_sees_the_live_state_of_their_building_only() {
     let nats = Nats::start().unwrap();
     let pg = Postgres::start().await.unwrap();
     let registry_url = registry_database(&pg).await;
-    let (pool, ingest) = telemetry(&nats, &pg).await;
+    let (_pool, ingest) = telemetry(&nats, &pg).await;
     let stop = CancellationToken::new();
-    let queries = tokio::spawn(liftwire_telemetry::query::serve(
-        nats.client().await.unwrap(),
-        pool.clone(),
-        stop.clone(),
-    ));
     let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
     let secret = gw
         .registry
@@ -219,7 +214,6 @@ async fn a_manager_sees_the_live_state_of_their_building_only() {
 
     stop.cancel();
     api.await.unwrap().unwrap();
-    queries.await.unwrap().unwrap();
     gw.running.stop().await;
     ingest.stop().await;
     mqtt.abort();

@@ -128,12 +128,16 @@ pub async fn building_live_state(
         tracing::warn!(error = %e, "telemetry live-state request failed");
         ApiError::Unavailable
     })?;
-    let reply =
-        v1::LiveStateReply::decode(response.payload.as_ref()).map_err(|_| ApiError::Unavailable)?;
-    if !reply.error.is_empty() {
-        tracing::warn!(error = %reply.error, "telemetry refused a live-state request");
+    if let Some(code) = response
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR_CODE))
+    {
+        tracing::warn!(code = %code, "telemetry refused a live-state request");
         return Err(ApiError::Unavailable);
     }
+    let reply =
+        v1::LiveStateReply::decode(response.payload.as_ref()).map_err(|_| ApiError::Unavailable)?;
     Ok(Json(BuildingLive {
         building_id: building.to_string(),
         elevators: reply.elevators.into_iter().map(Elevator::from).collect(),

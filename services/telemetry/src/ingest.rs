@@ -1,6 +1,6 @@
 //! JetStream → PostgreSQL ingest of the device stream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
@@ -23,6 +23,11 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::alerts;
+use crate::partitions::Partitions;
+use crate::state::FoldRules;
+use crate::store::{self, Columns, Row, WatermarkAdvance};
+
 /// `[ingest]` settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -40,6 +45,10 @@ pub struct IngestConfig {
     /// Longest pause between retries while PostgreSQL is failing.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// A device clock ahead of the gateway's by more than this is not believed: the message is
+    /// filed under the time the gateway received it.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
 }
 
 impl Default for IngestConfig {
@@ -50,6 +59,7 @@ impl Default for IngestConfig {
             batch_wait: Duration::from_millis(100),
             ack_wait: Duration::from_secs(30),
             max_backoff: Duration::from_secs(5),
+            max_clock_skew: Duration::from_secs(300),
         }
     }
 }
@@ -117,237 +127,254 @@ impl Metrics {
 
 /// A message that cannot be ingested, with a stable reason.
 #[derive(Debug, thiserror::Error)]
-enum Rejection {
+pub enum Rejection {
+    /// The subject is not a device uplink subject.
     #[error("subject is not a device uplink subject: {0}")]
     Subject(liftwire_proto::naming::NameError),
+    /// The payload is not an envelope.
     #[error("payload is not a liftwire.v1.Envelope: {0}")]
     Decode(prost::DecodeError),
+    /// An envelope of another schema version.
     #[error("schema version {0} is not supported")]
     SchemaVersion(u32),
+    /// The envelope claims another device than the gateway authenticated.
     #[error("envelope device id {envelope:?} differs from the authenticated device {subject:?}")]
-    DeviceMismatch { envelope: String, subject: String },
-    #[error("envelope has no body")]
-    EmptyBody,
-    #[error("body kind {body} arrived on the {subject} subject")]
-    KindMismatch {
-        body: &'static str,
-        subject: &'static str,
+    DeviceMismatch {
+        /// Device id in the envelope.
+        envelope: String,
+        /// Device id the gateway authenticated.
+        subject: String,
     },
+    /// Sequence number 0.
     #[error("sequence number must start at 1 (got 0)")]
     ZeroSequence,
+    /// A sequence number beyond `i64::MAX`.
     #[error("sequence number {0} does not fit a signed 64-bit column")]
     SequenceTooLarge(u64),
+    /// No body.
+    #[error("envelope has no body")]
+    EmptyBody,
+    /// The body does not match the subject's kind.
+    #[error("body kind {body} arrived on the {subject} subject")]
+    KindMismatch {
+        /// Kind of the body.
+        body: &'static str,
+        /// Kind of the subject.
+        subject: &'static str,
+    },
+    /// A value no elevator can report.
+    #[error("impossible content: {0}")]
+    Impossible(String),
+    /// Filed before the oldest day kept.
+    #[error("message time {0} is older than the retention")]
+    BeyondRetention(DateTime<Utc>),
 }
 
 impl Rejection {
-    fn reason(&self) -> &'static str {
+    /// Stable label for metrics and dead letters.
+    pub fn reason(&self) -> &'static str {
         match self {
             Rejection::Subject(_) => "subject",
             Rejection::Decode(_) => "decode",
             Rejection::SchemaVersion(_) => "schema_version",
             Rejection::DeviceMismatch { .. } => "device_mismatch",
-            Rejection::EmptyBody => "empty_body",
-            Rejection::KindMismatch { .. } => "kind_mismatch",
             Rejection::ZeroSequence => "zero_sequence",
             Rejection::SequenceTooLarge(_) => "sequence_too_large",
+            Rejection::EmptyBody => "empty_body",
+            Rejection::KindMismatch { .. } => "kind_mismatch",
+            Rejection::Impossible(_) => "impossible_content",
+            Rejection::BeyondRetention(_) => "beyond_retention",
         }
     }
 }
 
-/// One row of `device_messages`.
-#[derive(Debug, Clone)]
-struct Row {
-    device: DeviceId,
-    building: BuildingId,
-    seq: i64,
-    kind: &'static str,
-    device_time: Option<DateTime<Utc>>,
-    payload: Vec<u8>,
+/// Limits of what a real elevator reports; anything beyond is refused as impossible.
+const MAX_LOAD_PERCENT: u32 = 200;
+const MAX_DOORS: usize = 2;
+const MAX_ABS_FLOOR: i32 = 250;
+
+/// Why a message was refused, and, when its device and sequence number are trustworthy, the
+/// placeholder row that keeps its place so the device's watermark can pass it.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub rejection: Rejection,
+    /// Placeholder (`kind = 'rejected'`).
+    pub placeholder: Option<Box<Row>>,
 }
 
-fn validate(subject: &str, payload: &[u8]) -> Result<Row, Rejection> {
-    let uplink = Uplink::from_nats_subject(subject).map_err(Rejection::Subject)?;
-    let envelope = v1::Envelope::decode(payload).map_err(Rejection::Decode)?;
+/// Times a message is filed under.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// When the gateway stored the message in JetStream.
+    pub received_at: DateTime<Utc>,
+    /// Messages filed before this are beyond the retention.
+    pub oldest: DateTime<Utc>,
+    /// Device clocks ahead of `received_at` by more than this are not believed.
+    pub max_clock_skew: chrono::Duration,
+}
+
+fn check_content(envelope: &v1::Envelope) -> Result<(), Rejection> {
+    use v1::event::Kind;
+    let missing = |what: &str| Err(Rejection::Impossible(format!("{what} is empty")));
+    match &envelope.body {
+        Some(v1::envelope::Body::Telemetry(t)) => {
+            if t.load_percent > MAX_LOAD_PERCENT {
+                return Err(Rejection::Impossible(format!(
+                    "load of {}% of rated load",
+                    t.load_percent
+                )));
+            }
+            if t.doors.len() > MAX_DOORS {
+                return Err(Rejection::Impossible(format!(
+                    "{} car doors",
+                    t.doors.len()
+                )));
+            }
+            if t.floor.abs() > MAX_ABS_FLOOR {
+                return Err(Rejection::Impossible(format!("floor {}", t.floor)));
+            }
+        }
+        Some(v1::envelope::Body::Event(v1::Event { kind: Some(kind) })) => match kind {
+            Kind::FaultRaised(f) if f.fault_id.is_empty() => return missing("fault_id"),
+            Kind::FaultCleared(f) if f.fault_id.is_empty() => return missing("fault_id"),
+            Kind::EntrapmentStarted(e) if e.entrapment_id.is_empty() => {
+                return missing("entrapment_id")
+            }
+            Kind::EntrapmentReleased(e) if e.entrapment_id.is_empty() => {
+                return missing("entrapment_id")
+            }
+            Kind::MaintenanceVisitStarted(v) if v.visit_id.is_empty() => {
+                return missing("visit_id")
+            }
+            Kind::MaintenanceVisitEnded(v) if v.visit_id.is_empty() => return missing("visit_id"),
+            _ => {}
+        },
+        Some(v1::envelope::Body::Event(v1::Event { kind: None })) => {
+            return Err(Rejection::EmptyBody)
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn event_name(kind: &v1::event::Kind) -> &'static str {
+    use v1::event::Kind;
+    match kind {
+        Kind::TripCompleted(_) => "trip_completed",
+        Kind::DoorCycle(_) => "door_cycle",
+        Kind::FaultRaised(_) => "fault_raised",
+        Kind::FaultCleared(_) => "fault_cleared",
+        Kind::AlarmButtonPressed(_) => "alarm_button_pressed",
+        Kind::AlarmSelfTest(_) => "alarm_self_test",
+        Kind::EntrapmentStarted(_) => "entrapment_started",
+        Kind::EntrapmentReleased(_) => "entrapment_released",
+        Kind::ModeChanged(_) => "mode_changed",
+        Kind::PowerLost(_) => "power_lost",
+        Kind::PowerRestored(_) => "power_restored",
+        Kind::MaintenanceVisitStarted(_) => "maintenance_visit_started",
+        Kind::MaintenanceVisitEnded(_) => "maintenance_visit_ended",
+    }
+}
+
+fn columns(envelope: &v1::Envelope) -> Columns {
+    use v1::event::Kind;
+    match &envelope.body {
+        Some(v1::envelope::Body::Telemetry(t)) => Columns {
+            mode: i16::try_from(t.mode).ok(),
+            floor: Some(t.floor),
+            load_percent: i16::try_from(t.load_percent).ok(),
+            speed_mm_s: i32::try_from(t.speed_mm_s).ok(),
+            motor_temp_decicelsius: Some(t.motor_temp_decicelsius),
+            ..Default::default()
+        },
+        Some(v1::envelope::Body::Event(v1::Event { kind: Some(kind) })) => Columns {
+            event: Some(event_name(kind)),
+            event_value: match kind {
+                Kind::TripCompleted(t) => Some(t.levelling_error_mm),
+                Kind::AlarmSelfTest(t) => Some(i32::from(t.passed)),
+                _ => None,
+            },
+            ..Default::default()
+        },
+        _ => Columns::default(),
+    }
+}
+
+/// Validates one message of the uplink stream into a row.
+pub fn validate(subject: &str, payload: &bytes::Bytes, clock: &Clock) -> Result<Row, Refused> {
+    let refuse = |rejection| Refused {
+        rejection,
+        placeholder: None,
+    };
+    let uplink = Uplink::from_nats_subject(subject).map_err(|e| refuse(Rejection::Subject(e)))?;
+    let envelope =
+        v1::Envelope::decode(payload.as_ref()).map_err(|e| refuse(Rejection::Decode(e)))?;
     if envelope.schema_version != SCHEMA_VERSION {
-        return Err(Rejection::SchemaVersion(envelope.schema_version));
+        return Err(refuse(Rejection::SchemaVersion(envelope.schema_version)));
     }
     if envelope.device_id != uplink.device.as_str() {
-        return Err(Rejection::DeviceMismatch {
+        return Err(refuse(Rejection::DeviceMismatch {
             envelope: envelope.device_id,
             subject: uplink.device.to_string(),
-        });
-    }
-    let kind = envelope.kind().ok_or(Rejection::EmptyBody)?;
-    if kind != uplink.kind {
-        return Err(Rejection::KindMismatch {
-            body: kind.as_str(),
-            subject: uplink.kind.as_str(),
-        });
+        }));
     }
     if envelope.seq == 0 {
-        return Err(Rejection::ZeroSequence);
+        return Err(refuse(Rejection::ZeroSequence));
     }
-    let seq = i64::try_from(envelope.seq).map_err(|_| Rejection::SequenceTooLarge(envelope.seq))?;
+    let seq = i64::try_from(envelope.seq)
+        .map_err(|_| refuse(Rejection::SequenceTooLarge(envelope.seq)))?;
     let device_time = envelope
         .device_time
-        .and_then(|t| DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)));
-    Ok(Row {
-        device: uplink.device,
-        building: uplink.building,
+        .as_ref()
+        .and_then(crate::state::datetime);
+    // The device clock, unless missing or ahead of the gateway's by more than the allowed skew.
+    let at = device_time
+        .filter(|t| *t <= clock.received_at + clock.max_clock_skew)
+        .unwrap_or(clock.received_at);
+    let mut row = Row {
+        device: uplink.device.to_string(),
+        building: uplink.building.to_string(),
         seq,
-        kind: kind.as_str(),
+        kind: "rejected",
+        at,
         device_time,
-        payload: payload.to_vec(),
-    })
-}
-
-/// A device whose persisted watermark advanced in a commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WatermarkAdvance {
-    /// The device.
-    pub device_id: String,
-    /// Its building.
-    pub building_id: String,
-    /// Every message up to this sequence number is persisted.
-    pub persisted_seq: i64,
-}
-
-/// Writes `rows` in one transaction: idempotent insert, then the contiguous watermark of every
-/// device in the batch. Returns how many rows were new and which watermarks advanced.
-async fn write_batch(
-    pool: &sqlx::PgPool,
-    rows: &[Row],
-) -> Result<(u64, Vec<WatermarkAdvance>, Vec<v1::ElevatorState>), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO device_messages (device_id, seq, building_id, kind, device_time, payload)
-         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[], $6::bytea[])
-         ON CONFLICT (device_id, seq) DO NOTHING",
-    )
-    .bind(rows.iter().map(|r| r.device.to_string()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.building.to_string()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.device_time).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.payload.clone()).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-
-    let devices: BTreeMap<String, String> = rows
-        .iter()
-        .map(|r| (r.device.to_string(), r.building.to_string()))
-        .collect();
-    let (device_ids, building_ids): (Vec<String>, Vec<String>) = devices.into_iter().unzip();
-    sqlx::query(
-        "INSERT INTO device_watermarks (device_id, building_id, persisted_seq)
-         SELECT d, b, 0 FROM UNNEST($1::text[], $2::text[]) AS t(d, b)
-         ON CONFLICT (device_id) DO NOTHING",
-    )
-    .bind(&device_ids)
-    .bind(&building_ids)
-    .execute(&mut *tx)
-    .await?;
-    // Lock the devices' watermarks (in a fixed order, so replicas cannot deadlock): their old
-    // values bound the range of messages this transaction makes contiguous.
-    let before: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT device_id, persisted_seq FROM device_watermarks WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
-    )
-    .bind(&device_ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let before: HashMap<String, i64> = before.into_iter().collect();
-    // The contiguous prefix above the current watermark: the n-th stored sequence number above
-    // it equals watermark + n exactly as long as there is no gap.
-    let advanced: Vec<(String, String, i64)> = sqlx::query_as(
-        "UPDATE device_watermarks w SET persisted_seq = x.new_seq
-         FROM (
-             SELECT w2.device_id, w2.persisted_seq + (
-                 SELECT count(*) FROM (
-                     SELECT m.seq, row_number() OVER (ORDER BY m.seq) AS n
-                     FROM device_messages m
-                     WHERE m.device_id = w2.device_id AND m.seq > w2.persisted_seq
-                     ORDER BY m.seq
-                     LIMIT 100000
-                 ) above WHERE above.seq - w2.persisted_seq = above.n
-             ) AS new_seq
-             FROM device_watermarks w2
-             WHERE w2.device_id = ANY($1)
-         ) x
-         WHERE w.device_id = x.device_id AND x.new_seq > w.persisted_seq
-         RETURNING w.device_id, w.building_id, w.persisted_seq",
-    )
-    .bind(&device_ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut states = Vec::new();
-    for (device_id, building_id, persisted_seq) in &advanced {
-        let from = before.get(device_id).copied().unwrap_or(0);
-        states.extend(update_state(&mut tx, device_id, building_id, from, *persisted_seq).await?);
-    }
-    tx.commit().await?;
-    let advanced = advanced
-        .into_iter()
-        .map(|(device_id, building_id, persisted_seq)| WatermarkAdvance {
-            device_id,
-            building_id,
-            persisted_seq,
-        })
-        .collect();
-    Ok((inserted, advanced, states))
-}
-
-/// Folds the messages `(from, to]` of a device (now contiguous) into its live state.
-async fn update_state(
-    tx: &mut sqlx::PgConnection,
-    device_id: &str,
-    building_id: &str,
-    from: i64,
-    to: i64,
-) -> Result<Option<v1::ElevatorState>, sqlx::Error> {
-    let current: Option<(i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT applied_seq, state FROM elevator_state WHERE device_id = $1 FOR UPDATE",
-    )
-    .bind(device_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let from = from.max(current.as_ref().map_or(0, |(applied, _)| *applied));
-    let messages: Vec<(Vec<u8>,)> = sqlx::query_as(
-        "SELECT payload FROM device_messages WHERE device_id = $1 AND seq > $2 AND seq <= $3 AND kind IN ('telemetry', 'event') ORDER BY seq",
-    )
-    .bind(device_id)
-    .bind(from)
-    .bind(to)
-    .fetch_all(&mut *tx)
-    .await?;
-    if messages.is_empty() && current.is_none() {
-        // Not an elevator (e.g. a screen): no state to keep.
-        return Ok(None);
-    }
-    let mut state = current
-        .and_then(|(_, bytes)| v1::ElevatorState::decode(bytes.as_slice()).ok())
-        .unwrap_or_else(|| v1::ElevatorState {
-            device_id: device_id.into(),
-            building_id: building_id.into(),
-            ..Default::default()
-        });
-    for (payload,) in messages {
-        if let Ok(envelope) = v1::Envelope::decode(payload.as_slice()) {
-            crate::state::apply(&mut state, &envelope);
+        received_at: clock.received_at,
+        payload: payload.clone(),
+        columns: Columns::default(),
+        envelope: None,
+    };
+    // From here on the device and sequence number are trustworthy: a refused message keeps its
+    // place in the sequence (filed under its arrival time).
+    let content = (|| {
+        let kind = envelope.kind().ok_or(Rejection::EmptyBody)?;
+        if kind != uplink.kind {
+            return Err(Rejection::KindMismatch {
+                body: kind.as_str(),
+                subject: uplink.kind.as_str(),
+            });
+        }
+        check_content(&envelope)?;
+        if at < clock.oldest {
+            return Err(Rejection::BeyondRetention(at));
+        }
+        Ok(kind)
+    })();
+    match content {
+        Ok(kind) => {
+            row.kind = kind.as_str();
+            row.columns = columns(&envelope);
+            row.envelope = Some(envelope);
+            Ok(row)
+        }
+        Err(rejection) => {
+            row.at = clock.received_at;
+            Err(Refused {
+                rejection,
+                placeholder: Some(Box::new(row)),
+            })
         }
     }
-    state.applied_seq = u64::try_from(to).unwrap_or(0);
-    sqlx::query(
-        "INSERT INTO elevator_state (device_id, building_id, applied_seq, state) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (device_id) DO UPDATE SET applied_seq = EXCLUDED.applied_seq, state = EXCLUDED.state",
-    )
-    .bind(device_id)
-    .bind(building_id)
-    .bind(to)
-    .bind(state.encode_to_vec())
-    .execute(&mut *tx)
-    .await?;
-    Ok(Some(state))
 }
 
 /// The ingest loop.
@@ -357,6 +384,8 @@ pub struct Ingest {
     js: jetstream::Context,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     pool: sqlx::PgPool,
+    partitions: Arc<Partitions>,
+    rules: FoldRules,
     metrics: Metrics,
     database_ready: ReadinessCheck,
     dead_letters: String,
@@ -369,6 +398,8 @@ impl Ingest {
         nats_config: &NatsConfig,
         nats: async_nats::Client,
         pool: sqlx::PgPool,
+        partitions: Arc<Partitions>,
+        rules: FoldRules,
         ctx: &BuildContext,
     ) -> Result<Self, BoxError> {
         let js = jetstream::new(nats.clone());
@@ -395,6 +426,8 @@ impl Ingest {
             js,
             consumer,
             pool,
+            partitions,
+            rules,
             database_ready,
             dead_letters: dead_letter_subject("telemetry")?,
         })
@@ -461,71 +494,127 @@ impl Ingest {
         Ok(messages)
     }
 
+    fn clock(&self, message: &jetstream::Message, now: DateTime<Utc>) -> Clock {
+        let received_at = message
+            .info()
+            .ok()
+            .and_then(|info| {
+                DateTime::from_timestamp_nanos(
+                    i64::try_from(info.published.unix_timestamp_nanos()).ok()?,
+                )
+                .into()
+            })
+            .unwrap_or(now);
+        let oldest = self.partitions.oldest_day(now);
+        Clock {
+            received_at,
+            oldest: oldest
+                .and_hms_opt(0, 0, 0)
+                .map_or(DateTime::<Utc>::MIN_UTC, |t| t.and_utc()),
+            max_clock_skew: chrono::Duration::from_std(self.config.max_clock_skew)
+                .unwrap_or(chrono::Duration::zero()),
+        }
+    }
+
     async fn process(&self, messages: Vec<jetstream::Message>) -> Result<(), BoxError> {
         let started = Instant::now();
+        let now = Utc::now();
         let mut rows = Vec::with_capacity(messages.len());
-        let mut accepted = Vec::with_capacity(messages.len());
-        let mut spans = Vec::with_capacity(messages.len());
-        for message in messages {
+        // Messages acknowledged once the batch commits.
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in &messages {
             // Each message continues the trace its device started at the gateway.
             let span = tracing::info_span!("telemetry_ingest", subject = %message.subject);
             if let Some(headers) = &message.headers {
                 adopt_trace_context(&span, headers);
             }
-            match span.in_scope(|| validate(&message.subject, &message.payload)) {
+            let clock = self.clock(message, now);
+            match span.in_scope(|| validate(&message.subject, &message.payload, &clock)) {
                 Ok(row) => {
                     rows.push(row);
-                    accepted.push(message);
-                    spans.push(span);
+                    pending.push(message);
                 }
-                Err(rejection) => {
+                Err(Refused {
+                    rejection,
+                    placeholder,
+                }) => {
+                    // Stored in the dead-letter stream before anything is acknowledged.
                     self.dead_letter(message, rejection)
                         .instrument(span)
-                        .await?
+                        .await?;
+                    match placeholder {
+                        Some(row) => {
+                            rows.push(*row);
+                            pending.push(message);
+                        }
+                        None => {
+                            if let Err(e) = message.ack_with(AckKind::Term).await {
+                                tracing::warn!(error = %e, "terminating a dead-lettered message failed");
+                            }
+                        }
+                    }
                 }
             }
         }
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let written = write_batch(&self.pool, &rows).await;
-        let (inserted, advanced, states) = match written {
-            Ok(result) => result,
-            Err(e) => {
-                for message in &accepted {
-                    // Redeliver soon rather than after the full ack wait.
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(self.config.max_backoff)))
-                        .await;
-                }
-                return Err(e.into());
+        let kinds: Vec<&'static str> = rows.iter().map(|r| r.kind).collect();
+        let total = rows.len() as u64;
+        if !rows.is_empty() {
+            let written = async {
+                self.partitions
+                    .ensure(&self.pool, &store::days(&rows))
+                    .await?;
+                store::write_batch(&self.pool, rows, &self.rules).await
             }
-        };
-        self.metrics
-            .batch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .duplicates
-            .inc_by((rows.len() as u64).saturating_sub(inserted));
-        for row in &rows {
+            .await;
+            let outcome = match written {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    for message in &pending {
+                        // Redeliver soon rather than after the full ack wait.
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(self.config.max_backoff)))
+                            .await;
+                    }
+                    return Err(e.into());
+                }
+            };
             self.metrics
-                .ingested
-                .get_or_create(&KindLabel { kind: row.kind })
-                .inc();
+                .batch_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .duplicates
+                .inc_by(total.saturating_sub(outcome.inserted));
+            for kind in kinds {
+                self.metrics
+                    .ingested
+                    .get_or_create(&KindLabel { kind })
+                    .inc();
+            }
+            self.acknowledge(&pending).await;
+            for advance in &outcome.advanced {
+                self.publish_watermark(advance).await;
+            }
+            for state in &outcome.states {
+                self.publish_state(state).await;
+            }
+            for change in &outcome.alerts {
+                alerts::announce(&self.nats, change).await;
+            }
         }
-        for message in &accepted {
-            // Committed: a lost ack only causes a redelivery, which the insert ignores.
-            if let Err(e) = message.double_ack().await {
+        Ok(())
+    }
+
+    /// Acknowledges committed messages: one publish each, then a single flush. A lost ack only
+    /// causes a redelivery, which the store recognizes as a duplicate.
+    async fn acknowledge(&self, messages: &[&jetstream::Message]) {
+        for message in messages {
+            if let Err(e) = message.ack().await {
                 tracing::warn!(error = %e, "acknowledging a persisted message failed");
             }
         }
-        for advance in advanced {
-            self.publish_watermark(&advance).await;
+        if let Err(e) = self.nats.flush().await {
+            tracing::warn!(error = %e, "flushing acknowledgements failed");
         }
-        for state in states {
-            self.publish_state(&state).await;
-        }
-        Ok(())
     }
 
     /// Announces an elevator's new live state (for live dashboards; best effort, the state
@@ -581,7 +670,7 @@ impl Ingest {
 
     async fn dead_letter(
         &self,
-        message: jetstream::Message,
+        message: &jetstream::Message,
         rejection: Rejection,
     ) -> Result<(), BoxError> {
         let reason = rejection.reason();
@@ -593,6 +682,14 @@ impl Ingest {
             .map(|u| u.device.to_string())
             .unwrap_or_default();
         tracing::warn!(reason, device = %device_id, error = %rejection, "dead-lettering a message");
+        // Dead-lettered again after a failed batch, it is de-duplicated on its stream position.
+        let mut headers = async_nats::HeaderMap::new();
+        if let Ok(info) = message.info() {
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("telemetry:{}", info.stream_sequence).as_str(),
+            );
+        }
         let letter = v1::DeadLetter {
             source: "telemetry".into(),
             reason: reason.into(),
@@ -602,15 +699,14 @@ impl Ingest {
             payload: message.payload.to_vec(),
             at: Some(liftwire_proto::timestamp(std::time::SystemTime::now())),
         };
-        // Stored in the dead-letter stream before the original is terminated: nothing is lost.
         self.js
-            .publish(self.dead_letters.clone(), letter.encode_to_vec().into())
+            .publish_with_headers(
+                self.dead_letters.clone(),
+                headers,
+                letter.encode_to_vec().into(),
+            )
             .await?
             .await?;
-        message
-            .ack_with(AckKind::Term)
-            .await
-            .map_err(|e| -> BoxError { e.to_string().into() })?;
         Ok(())
     }
 }
@@ -624,7 +720,10 @@ mod tests {
             schema_version: SCHEMA_VERSION,
             device_id: device.into(),
             seq,
-            device_time: None,
+            device_time: Some(liftwire_proto::Timestamp {
+                seconds: 1_795_000_000,
+                nanos: 0,
+            }),
             body: Some(v1::envelope::Body::Event(v1::Event {
                 kind: Some(v1::event::Kind::AlarmButtonPressed(
                     v1::AlarmButtonPressed {},
@@ -633,37 +732,103 @@ mod tests {
         }
     }
 
+    fn clock() -> Clock {
+        Clock {
+            received_at: DateTime::from_timestamp(1_795_000_100, 0).unwrap(),
+            oldest: DateTime::from_timestamp(1_790_000_000, 0).unwrap(),
+            max_clock_skew: chrono::Duration::seconds(300),
+        }
+    }
+
+    fn check(subject: &str, envelope: &v1::Envelope) -> Result<Row, Refused> {
+        validate(subject, &envelope.encode_to_vec().into(), &clock())
+    }
+
+    const SUBJECT: &str = "lw.v1.up.b1.elev-1.event";
+
     #[test]
-    fn validation_reasons() {
-        let subject = "lw.v1.up.b1.elev-1.event";
-        assert!(validate(subject, &envelope("elev-1", 1).encode_to_vec()).is_ok());
-        let reason = |s: &str, p: Vec<u8>| validate(s, &p).unwrap_err().reason();
+    fn envelope_and_identity_errors_have_no_placeholder() {
+        let reason = |s: &str, p: Vec<u8>| {
+            let refused = validate(s, &p.into(), &clock()).unwrap_err();
+            assert!(refused.placeholder.is_none());
+            refused.rejection.reason()
+        };
         assert_eq!(reason("lw.v1.up.b1.elev-1", vec![]), "subject");
-        assert_eq!(reason(subject, vec![0xff, 0xff]), "decode");
+        assert_eq!(reason(SUBJECT, vec![0xff, 0xff]), "decode");
         assert_eq!(
-            reason(subject, envelope("elev-2", 1).encode_to_vec()),
+            reason(SUBJECT, envelope("elev-2", 1).encode_to_vec()),
             "device_mismatch"
         );
         assert_eq!(
-            reason(subject, envelope("elev-1", 0).encode_to_vec()),
+            reason(SUBJECT, envelope("elev-1", 0).encode_to_vec()),
             "zero_sequence"
         );
         assert_eq!(
-            reason(subject, envelope("elev-1", u64::MAX).encode_to_vec()),
+            reason(SUBJECT, envelope("elev-1", u64::MAX).encode_to_vec()),
             "sequence_too_large"
-        );
-        assert_eq!(
-            reason(
-                "lw.v1.up.b1.elev-1.telemetry",
-                envelope("elev-1", 1).encode_to_vec()
-            ),
-            "kind_mismatch"
         );
         let mut old = envelope("elev-1", 1);
         old.schema_version = 0;
-        assert_eq!(reason(subject, old.encode_to_vec()), "schema_version");
-        let mut empty = envelope("elev-1", 1);
+        assert_eq!(reason(SUBJECT, old.encode_to_vec()), "schema_version");
+    }
+
+    #[test]
+    fn content_errors_keep_the_sequence_number_with_a_placeholder() {
+        let refused = |subject: &str, e: v1::Envelope| {
+            let refused = check(subject, &e).unwrap_err();
+            let placeholder = refused.placeholder.expect("a placeholder");
+            assert_eq!((placeholder.kind, placeholder.seq), ("rejected", 7));
+            assert_eq!(placeholder.at, clock().received_at);
+            refused.rejection.reason()
+        };
+        assert_eq!(
+            refused("lw.v1.up.b1.elev-1.telemetry", envelope("elev-1", 7)),
+            "kind_mismatch"
+        );
+        let mut empty = envelope("elev-1", 7);
         empty.body = None;
-        assert_eq!(reason(subject, empty.encode_to_vec()), "empty_body");
+        assert_eq!(refused(SUBJECT, empty), "empty_body");
+        let mut overloaded = envelope("elev-1", 7);
+        overloaded.body = Some(v1::envelope::Body::Telemetry(v1::Telemetry {
+            load_percent: 900,
+            ..Default::default()
+        }));
+        assert_eq!(
+            refused("lw.v1.up.b1.elev-1.telemetry", overloaded),
+            "impossible_content"
+        );
+        let mut anonymous = envelope("elev-1", 7);
+        anonymous.body = Some(v1::envelope::Body::Event(v1::Event {
+            kind: Some(v1::event::Kind::FaultRaised(v1::FaultRaised::default())),
+        }));
+        assert_eq!(refused(SUBJECT, anonymous), "impossible_content");
+        let mut ancient = envelope("elev-1", 7);
+        ancient.device_time = Some(liftwire_proto::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        });
+        assert_eq!(refused(SUBJECT, ancient), "beyond_retention");
+    }
+
+    #[test]
+    fn messages_are_filed_under_the_device_clock_unless_it_runs_ahead() {
+        let row = check(SUBJECT, &envelope("elev-1", 1)).unwrap();
+        assert_eq!(row.at.timestamp(), 1_795_000_000);
+        assert_eq!(row.columns.event, Some("alarm_button_pressed"));
+        let mut ahead = envelope("elev-1", 2);
+        ahead.device_time = Some(liftwire_proto::Timestamp {
+            seconds: 1_795_007_200,
+            nanos: 0,
+        });
+        let row = check(SUBJECT, &ahead).unwrap();
+        assert_eq!(
+            row.at,
+            clock().received_at,
+            "two hours ahead is not believed"
+        );
+        assert_eq!(row.device_time.unwrap().timestamp(), 1_795_007_200);
+        let mut none = envelope("elev-1", 3);
+        none.device_time = None;
+        assert_eq!(check(SUBJECT, &none).unwrap().at, clock().received_at);
     }
 }

@@ -4,11 +4,21 @@
 //! Ingest reads the `LW_UPLINK` JetStream stream with a durable pull consumer shared by every
 //! replica, writes each batch in one transaction (idempotent on `(device_id, seq)`), and only then
 //! acknowledges the messages to JetStream. After each commit it publishes every affected device's
-//! persisted-sequence watermark downlink, so devices can trim their outbox.
+//! persisted-sequence watermark downlink, so devices can trim their outbox. The same
+//! transaction folds each device's newly contiguous messages into its live state and derives
+//! incidents and alerts (see [`state`]). KPIs ([`kpi`]) are computed on request from incidents
+//! and the message log. Everything the dashboard needs is served on NATS ([`query`]).
 
+pub mod alerts;
 pub mod ingest;
+pub mod kpi;
+pub mod partitions;
+pub mod presence;
 pub mod query;
 pub mod state;
+pub mod store;
+
+use std::sync::Arc;
 
 use std::process::ExitCode;
 
@@ -34,6 +44,10 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Ingest tuning.
     pub ingest: ingest::IngestConfig,
+    /// Message partitions and retention.
+    pub partitions: partitions::PartitionConfig,
+    /// Alert rule thresholds.
+    pub alerts: alerts::AlertConfig,
 }
 
 /// The running service.
@@ -41,6 +55,8 @@ pub struct Telemetry {
     ingest: ingest::Ingest,
     nats: async_nats::Client,
     pool: sqlx::PgPool,
+    partitions: Arc<partitions::Partitions>,
+    alerts: alerts::AlertConfig,
 }
 
 impl Service for Telemetry {
@@ -54,19 +70,60 @@ impl Service for Telemetry {
     async fn build(config: Config, ctx: &BuildContext) -> Result<Self, BoxError> {
         let pool = config.database.pool()?;
         let nats = liftwire_runtime::nats::connect(&config.nats, "liftwire-telemetry").await?;
-        let ingest =
-            ingest::Ingest::build(config.ingest, &config.nats, nats.clone(), pool.clone(), ctx)
-                .await?;
-        Ok(Self { ingest, nats, pool })
+        let partitions = Arc::new(partitions::Partitions::new(config.partitions));
+        let rules = state::FoldRules {
+            fault_burst_count: config.alerts.fault_burst_count,
+            fault_burst_window: config.alerts.fault_burst_window,
+            ..Default::default()
+        };
+        let ingest = ingest::Ingest::build(
+            config.ingest,
+            &config.nats,
+            nats.clone(),
+            pool.clone(),
+            partitions.clone(),
+            rules,
+            ctx,
+        )
+        .await?;
+        Ok(Self {
+            ingest,
+            nats,
+            pool,
+            partitions,
+            alerts: config.alerts,
+        })
     }
 
     async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
-        let served = async {
-            query::serve(self.nats, self.pool, shutdown.clone())
+        let queries = query::Queries {
+            pool: self.pool.clone(),
+            self_test_every: self.alerts.self_test_every,
+            nats: self.nats.clone(),
+        };
+        let presence = async {
+            presence::follow(self.nats.clone(), self.pool.clone(), shutdown.clone())
                 .await
                 .map_err(BoxError::from)
         };
-        tokio::try_join!(self.ingest.run(shutdown.clone()), served)?;
+        let background = async {
+            tokio::join!(
+                self.partitions.run(self.pool.clone(), shutdown.clone()),
+                alerts::run_evaluator(
+                    self.pool.clone(),
+                    self.nats.clone(),
+                    self.alerts.clone(),
+                    shutdown.clone()
+                ),
+            );
+            Ok::<(), BoxError>(())
+        };
+        tokio::try_join!(
+            self.ingest.run(shutdown.clone()),
+            query::serve(queries, shutdown.clone()),
+            presence,
+            background,
+        )?;
         Ok(())
     }
 }

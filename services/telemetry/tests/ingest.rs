@@ -13,7 +13,9 @@ use liftwire_proto::{v1, Message, SCHEMA_VERSION};
 use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::NatsConfig;
 use liftwire_runtime::service::BuildContext;
-use liftwire_telemetry::ingest::{Ingest, IngestConfig};
+use liftwire_runtime::service::Service;
+use liftwire_telemetry::ingest::IngestConfig;
+use liftwire_telemetry::Telemetry;
 use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
@@ -24,10 +26,9 @@ fn event(device: &str, seq: u64) -> v1::Envelope {
         schema_version: SCHEMA_VERSION,
         device_id: device.into(),
         seq,
-        device_time: Some(liftwire_proto::Timestamp {
-            seconds: 1_795_000_000 + seq as i64,
-            nanos: 0,
-        }),
+        device_time: Some(liftwire_proto::timestamp(
+            std::time::SystemTime::now() - Duration::from_secs(3600) + Duration::from_secs(seq),
+        )),
         body: Some(v1::envelope::Body::Event(v1::Event {
             kind: Some(v1::event::Kind::DoorCycle(v1::DoorCycle {
                 door: 0,
@@ -69,23 +70,31 @@ impl Rig {
             .await
             .expect("migrations are idempotent");
         let client = nats.client().await.unwrap();
-        let nats_config = NatsConfig {
-            url: nats.url(),
-            ..Default::default()
-        };
         let ctx = BuildContext::new();
-        let config = IngestConfig {
-            batch_wait: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(300),
+        let config = liftwire_telemetry::Config {
+            nats: NatsConfig {
+                url: nats.url(),
+                ..Default::default()
+            },
+            database: DatabaseConfig {
+                url: pg.url(),
+                acquire_timeout: Duration::from_secs(1),
+                ..Default::default()
+            },
+            ingest: IngestConfig {
+                batch_wait: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(300),
+                ..Default::default()
+            },
             ..Default::default()
         };
-        let ingest = Ingest::build(config, &nats_config, client.clone(), pool, &ctx)
+        let service = Telemetry::build(config, &ctx)
             .await
-            .expect("ingest builds");
+            .expect("telemetry builds");
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let stop = stop.clone();
-            async move { ingest.run(stop).await.expect("ingest runs") }
+            async move { service.run(stop).await.expect("telemetry runs") }
         });
         Rig {
             nats,

@@ -12,7 +12,7 @@ use liftwire_gateway::{Config as GatewayConfig, Gateway, MqttConfig};
 use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::NatsConfig;
 use liftwire_runtime::service::{BuildContext, Service};
-use liftwire_telemetry::ingest::{Ingest, IngestConfig};
+use liftwire_telemetry::ingest::IngestConfig;
 use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
@@ -86,36 +86,34 @@ pub async fn registry_database(pg: &Postgres) -> String {
     url
 }
 
-/// Telemetry ingest into `pg`'s main database (migrated here).
+/// The telemetry service (ingest, queries, presence, alert rules) on `pg`'s main database
+/// (migrated here).
 pub async fn telemetry(nats: &Nats, pg: &Postgres) -> (sqlx::PgPool, Running) {
-    let pool = DatabaseConfig {
+    let database = DatabaseConfig {
         url: pg.url(),
         ..Default::default()
-    }
-    .pool()
-    .unwrap();
+    };
+    let pool = database.pool().unwrap();
     liftwire_telemetry::migrate(&pool).await.unwrap();
-    let nats_config = NatsConfig {
-        url: nats.url(),
+    let config = liftwire_telemetry::Config {
+        nats: NatsConfig {
+            url: nats.url(),
+            ..Default::default()
+        },
+        database,
+        ingest: IngestConfig {
+            batch_wait: Duration::from_millis(20),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let config = IngestConfig {
-        batch_wait: Duration::from_millis(20),
-        ..Default::default()
-    };
-    let ingest = Ingest::build(
-        config,
-        &nats_config,
-        nats.client().await.unwrap(),
-        pool.clone(),
-        &BuildContext::new(),
-    )
-    .await
-    .unwrap();
+    let service = liftwire_telemetry::Telemetry::build(config, &BuildContext::new())
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let stop = stop.clone();
-        async move { ingest.run(stop).await.unwrap() }
+        async move { service.run(stop).await.unwrap() }
     });
     (pool, Running { stop, task })
 }

@@ -1,0 +1,445 @@
+//! One batch of device messages → one PostgreSQL transaction.
+//!
+//! Per device, the `device_watermarks` row is the lock every writer takes first (in device-id
+//! order, so replicas cannot deadlock) and the bookkeeping that makes the write idempotent on
+//! `(device_id, seq)`: messages at or below `persisted_seq` are already stored; above it, only
+//! when `max_seq > persisted_seq` (a gap) can a message be stored already, and only then is the
+//! log consulted. The statements per batch are a constant handful, whatever the number of
+//! devices: lock, insert, update the watermarks, upsert the live states; plus one statement per
+//! incident or alert change, which are rare.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use liftwire_proto::{v1, Message};
+
+use crate::alerts::{self, AlertChange};
+use crate::state::{self, Effect, FoldRules};
+
+/// Typed columns extracted from a message for queries.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Columns {
+    /// Event kind (events only).
+    pub event: Option<&'static str>,
+    /// Event value: levelling error of a trip, 1/0 for a passed/failed self-test.
+    pub event_value: Option<i32>,
+    /// Telemetry: mode.
+    pub mode: Option<i16>,
+    /// Telemetry: floor.
+    pub floor: Option<i32>,
+    /// Telemetry: load.
+    pub load_percent: Option<i16>,
+    /// Telemetry: speed.
+    pub speed_mm_s: Option<i32>,
+    /// Telemetry: motor temperature.
+    pub motor_temp_decicelsius: Option<i32>,
+}
+
+/// One validated message, ready to store.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Device id (authenticated by the gateway).
+    pub device: String,
+    /// Building id.
+    pub building: String,
+    /// Sequence number (> 0).
+    pub seq: i64,
+    /// Uplink kind, or `rejected` for a placeholder.
+    pub kind: &'static str,
+    /// Time the message is filed under (partition key).
+    pub at: DateTime<Utc>,
+    /// Device clock, as reported.
+    pub device_time: Option<DateTime<Utc>>,
+    /// When the gateway stored it in JetStream.
+    pub received_at: DateTime<Utc>,
+    /// The envelope bytes.
+    pub payload: Bytes,
+    /// Query columns.
+    pub columns: Columns,
+    /// The decoded envelope (absent for placeholders of rejected messages).
+    pub envelope: Option<v1::Envelope>,
+}
+
+/// A device whose persisted watermark advanced in a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatermarkAdvance {
+    /// The device.
+    pub device_id: String,
+    /// Its building.
+    pub building_id: String,
+    /// Every message up to this sequence number is persisted.
+    pub persisted_seq: i64,
+}
+
+/// What a committed batch changed.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Rows newly stored (the rest were duplicates).
+    pub inserted: u64,
+    /// Watermarks that advanced.
+    pub advanced: Vec<WatermarkAdvance>,
+    /// New live states.
+    pub states: Vec<v1::ElevatorState>,
+    /// Alert changes to announce.
+    pub alerts: Vec<AlertChange>,
+}
+
+/// A stored message above a device's watermark (read back when a gap closes).
+struct Stored {
+    seq: i64,
+    at: DateTime<Utc>,
+    payload: Option<Vec<u8>>,
+}
+
+/// Writes `rows` in one transaction. The days of the rows' `at` must have partitions.
+pub async fn write_batch(
+    pool: &sqlx::PgPool,
+    mut rows: Vec<Row>,
+    rules: &FoldRules,
+) -> Result<Outcome, sqlx::Error> {
+    rows.sort_by(|a, b| (&a.device, a.seq).cmp(&(&b.device, b.seq)));
+    rows.dedup_by(|a, b| a.device == b.device && a.seq == b.seq);
+    let devices: BTreeMap<String, String> = rows
+        .iter()
+        .map(|r| (r.device.clone(), r.building.clone()))
+        .collect();
+    let (device_ids, building_ids): (Vec<&str>, Vec<&str>) = devices
+        .iter()
+        .map(|(d, b)| (d.as_str(), b.as_str()))
+        .unzip();
+
+    let mut tx = pool.begin().await?;
+    // Creates missing watermark rows and locks them all, in device order.
+    let marks: Vec<(String, i64, i64)> = sqlx::query_as(
+        "INSERT INTO device_watermarks (device_id, building_id, persisted_seq, max_seq)
+         SELECT d, b, 0, 0 FROM UNNEST($1::text[], $2::text[]) AS t(d, b)
+         ON CONFLICT (device_id) DO UPDATE SET device_id = EXCLUDED.device_id
+         RETURNING device_id, persisted_seq, max_seq",
+    )
+    .bind(&device_ids)
+    .bind(&building_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let marks: HashMap<String, (i64, i64)> = marks
+        .into_iter()
+        .map(|(d, persisted, max)| (d, (persisted, max)))
+        .collect();
+
+    // Devices with messages stored above their watermark: read those back.
+    let gapped: Vec<(&str, i64)> = marks
+        .iter()
+        .filter(|(_, (persisted, max))| max > persisted)
+        .map(|(d, (persisted, _))| (d.as_str(), *persisted))
+        .collect();
+    let mut above: HashMap<String, BTreeMap<i64, Stored>> = HashMap::new();
+    if !gapped.is_empty() {
+        let (ids, floors): (Vec<&str>, Vec<i64>) = gapped.into_iter().unzip();
+        type StoredRow = (String, i64, DateTime<Utc>, Option<Vec<u8>>);
+        let stored: Vec<StoredRow> = sqlx::query_as(
+            "SELECT m.device_id, m.seq, m.at,
+                    CASE WHEN m.kind IN ('telemetry', 'event') THEN m.payload END
+             FROM UNNEST($1::text[], $2::int8[]) AS t(d, w)
+             JOIN device_messages m ON m.device_id = t.d AND m.seq > t.w",
+        )
+        .bind(&ids)
+        .bind(&floors)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (device, seq, at, payload) in stored {
+            above
+                .entry(device)
+                .or_default()
+                .insert(seq, Stored { seq, at, payload });
+        }
+    }
+
+    // Keep only new messages.
+    rows.retain(|r| {
+        let (persisted, _) = marks.get(&r.device).copied().unwrap_or((0, 0));
+        r.seq > persisted
+            && !above
+                .get(&r.device)
+                .is_some_and(|stored| stored.contains_key(&r.seq))
+    });
+    let inserted = insert_rows(&mut tx, &rows).await?;
+
+    // States of the devices whose watermark can advance.
+    let states: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT device_id, state FROM elevator_state WHERE device_id = ANY($1)")
+            .bind(&device_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut states: HashMap<String, v1::ElevatorState> = states
+        .into_iter()
+        .filter_map(|(d, bytes)| Some((d, v1::ElevatorState::decode(bytes.as_slice()).ok()?)))
+        .collect();
+
+    let mut new_rows: HashMap<&str, BTreeMap<i64, &Row>> = HashMap::new();
+    for row in &rows {
+        new_rows
+            .entry(row.device.as_str())
+            .or_default()
+            .insert(row.seq, row);
+    }
+
+    let mut outcome = Outcome {
+        inserted,
+        ..Default::default()
+    };
+    let mut mark_updates: Vec<(&str, i64, i64)> = Vec::new();
+    let mut state_updates: Vec<(&str, &str, v1::ElevatorState, Option<DateTime<Utc>>)> = Vec::new();
+    let mut effects: Vec<(&str, &str, i64, Effect)> = Vec::new();
+    for (device, building) in &devices {
+        let (device, building) = (device.as_str(), building.as_str());
+        let (persisted, max) = marks.get(device).copied().unwrap_or((0, 0));
+        let fresh = new_rows.remove(device).unwrap_or_default();
+        let stored = above.remove(device).unwrap_or_default();
+        let new_max = max.max(fresh.keys().next_back().copied().unwrap_or(0));
+        // The contiguous run above the watermark, from new and earlier stored messages.
+        let mut watermark = persisted;
+        let mut run: Vec<(i64, DateTime<Utc>, Option<v1::Envelope>)> = Vec::new();
+        loop {
+            let next = watermark + 1;
+            if let Some(row) = fresh.get(&next) {
+                run.push((next, row.at, row.envelope.clone()));
+            } else if let Some(s) = stored.get(&next) {
+                let envelope = s
+                    .payload
+                    .as_deref()
+                    .and_then(|p| v1::Envelope::decode(p).ok());
+                run.push((s.seq, s.at, envelope));
+            } else {
+                break;
+            }
+            watermark = next;
+        }
+        if watermark == persisted && new_max == max {
+            continue;
+        }
+        mark_updates.push((device, watermark, new_max));
+        if watermark > persisted {
+            outcome.advanced.push(WatermarkAdvance {
+                device_id: device.into(),
+                building_id: building.into(),
+                persisted_seq: watermark,
+            });
+        }
+        let elevator_messages = run.iter().any(|(_, _, e)| {
+            matches!(
+                e.as_ref().and_then(|e| e.body.as_ref()),
+                Some(v1::envelope::Body::Telemetry(_) | v1::envelope::Body::Event(_))
+            )
+        });
+        let known = states.contains_key(device);
+        if !elevator_messages && !known {
+            // Not an elevator (e.g. a screen): no state to keep.
+            continue;
+        }
+        let mut state = states.remove(device).unwrap_or_else(|| v1::ElevatorState {
+            device_id: device.into(),
+            building_id: building.into(),
+            ..Default::default()
+        });
+        let first_at = (!known)
+            .then(|| run.first().map(|(_, at, _)| *at))
+            .flatten();
+        for (seq, at, envelope) in &run {
+            let seq = u64::try_from(*seq).unwrap_or(0);
+            match envelope {
+                Some(envelope) => {
+                    let mut produced = Vec::new();
+                    state::apply(&mut state, seq, *at, envelope, rules, &mut produced);
+                    effects.extend(
+                        produced
+                            .into_iter()
+                            .map(|e| (device, building, i64::try_from(seq).unwrap_or(0), e)),
+                    );
+                }
+                None => state.applied_seq = seq,
+            }
+        }
+        state_updates.push((device, building, state, first_at));
+    }
+
+    if !mark_updates.is_empty() {
+        let ids: Vec<&str> = mark_updates.iter().map(|m| m.0).collect();
+        let persisted: Vec<i64> = mark_updates.iter().map(|m| m.1).collect();
+        let max: Vec<i64> = mark_updates.iter().map(|m| m.2).collect();
+        sqlx::query(
+            "UPDATE device_watermarks w SET persisted_seq = t.p, max_seq = t.m
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS t(d, p, m)
+             WHERE w.device_id = t.d",
+        )
+        .bind(&ids)
+        .bind(&persisted)
+        .bind(&max)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !state_updates.is_empty() {
+        upsert_states(&mut tx, &state_updates).await?;
+    }
+    for (device, building, seq, effect) in effects {
+        if let Some(change) = apply_effect(&mut tx, device, building, seq, effect).await? {
+            outcome.alerts.push(change);
+        }
+    }
+    tx.commit().await?;
+    outcome.states = state_updates.into_iter().map(|(_, _, s, _)| s).collect();
+    Ok(outcome)
+}
+
+async fn insert_rows(tx: &mut sqlx::PgConnection, rows: &[Row]) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let col = |f: fn(&Row) -> Option<i32>| rows.iter().map(f).collect::<Vec<_>>();
+    Ok(sqlx::query(
+        "INSERT INTO device_messages (device_id, seq, building_id, kind, at, device_time, received_at,
+             payload, event, event_value, mode, floor, load_percent, speed_mm_s, motor_temp_decicelsius)
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[],
+             $6::timestamptz[], $7::timestamptz[], $8::bytea[], $9::text[], $10::int4[],
+             $11::int2[], $12::int4[], $13::int2[], $14::int4[], $15::int4[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(rows.iter().map(|r| r.device.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.building.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.kind).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.device_time).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.payload.as_ref()).collect::<Vec<&[u8]>>())
+    .bind(rows.iter().map(|r| r.columns.event).collect::<Vec<_>>())
+    .bind(col(|r| r.columns.event_value))
+    .bind(rows.iter().map(|r| r.columns.mode).collect::<Vec<_>>())
+    .bind(col(|r| r.columns.floor))
+    .bind(rows.iter().map(|r| r.columns.load_percent).collect::<Vec<_>>())
+    .bind(col(|r| r.columns.speed_mm_s))
+    .bind(col(|r| r.columns.motor_temp_decicelsius))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected())
+}
+
+type StateUpdate<'a> = (&'a str, &'a str, v1::ElevatorState, Option<DateTime<Utc>>);
+
+async fn upsert_states(
+    tx: &mut sqlx::PgConnection,
+    updates: &[StateUpdate<'_>],
+) -> Result<(), sqlx::Error> {
+    let ts = |t: &Option<liftwire_proto::Timestamp>| t.as_ref().and_then(state::datetime);
+    sqlx::query(
+        "INSERT INTO elevator_state (device_id, building_id, applied_seq, state, tracked_since,
+             out_of_service_since, last_passed_self_test_at)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bytea[], $5::timestamptz[],
+             $6::timestamptz[], $7::timestamptz[])
+         ON CONFLICT (device_id) DO UPDATE SET applied_seq = EXCLUDED.applied_seq,
+             state = EXCLUDED.state,
+             out_of_service_since = EXCLUDED.out_of_service_since,
+             last_passed_self_test_at = EXCLUDED.last_passed_self_test_at",
+    )
+    .bind(updates.iter().map(|u| u.0).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.1).collect::<Vec<_>>())
+    .bind(
+        updates
+            .iter()
+            .map(|u| i64::try_from(u.2.applied_seq).unwrap_or(i64::MAX))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.2.encode_to_vec())
+            .collect::<Vec<_>>(),
+    )
+    .bind(updates.iter().map(|u| u.3).collect::<Vec<_>>())
+    .bind(
+        updates
+            .iter()
+            .map(|u| ts(&u.2.out_of_service_since))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| {
+                if u.2.last_self_test_passed {
+                    ts(&u.2.last_self_test_at)
+                } else {
+                    None
+                }
+            })
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Writes one effect; returns the alert change to announce, if any.
+async fn apply_effect(
+    tx: &mut sqlx::PgConnection,
+    device: &str,
+    building: &str,
+    seq: i64,
+    effect: Effect,
+) -> Result<Option<AlertChange>, sqlx::Error> {
+    match effect {
+        Effect::Open(open) => {
+            sqlx::query(
+                "INSERT INTO incidents (device_id, building_id, kind, planned, cause, ref_id, code,
+                     vendor_code, started_at, started_seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (device_id, kind, ref_id) WHERE ended_at IS NULL DO NOTHING",
+            )
+            .bind(device)
+            .bind(building)
+            .bind(open.kind.as_str())
+            .bind(open.planned)
+            .bind(&open.cause)
+            .bind(&open.ref_id)
+            .bind(open.code)
+            .bind(&open.vendor_code)
+            .bind(open.at)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            Ok(None)
+        }
+        Effect::Close { kind, ref_id, at } => {
+            // A device clock that went backwards cannot end an incident before it began.
+            sqlx::query(
+                "UPDATE incidents SET ended_at = greatest($4, started_at), ended_seq = $5
+                 WHERE device_id = $1 AND kind = $2 AND ref_id = $3 AND ended_at IS NULL",
+            )
+            .bind(device)
+            .bind(kind.as_str())
+            .bind(&ref_id)
+            .bind(at)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            Ok(None)
+        }
+        Effect::Raise { rule, summary, at } => {
+            alerts::raise(
+                tx,
+                building,
+                device,
+                rule,
+                &summary,
+                at,
+                alerts::Repeat::Count,
+            )
+            .await
+        }
+        Effect::Resolve { rule, note, at } => alerts::resolve(tx, device, rule, &note, at).await,
+    }
+}
+
+/// Day partitions a set of rows needs.
+pub fn days(rows: &[Row]) -> BTreeSet<chrono::NaiveDate> {
+    rows.iter().map(|r| r.at.date_naive()).collect()
+}
