@@ -40,7 +40,53 @@ fn event(device: &str, seq: u64) -> v1::Envelope {
     }
 }
 
-/// A running ingest with its own servers.
+/// Starts one telemetry replica; returns its context (readiness, metrics), stop token and task.
+async fn replica(
+    nats: &Nats,
+    pg: &Postgres,
+    ingest: IngestConfig,
+) -> (BuildContext, CancellationToken, tokio::task::JoinHandle<()>) {
+    let ctx = BuildContext::new();
+    let config = liftwire_telemetry::Config {
+        nats: NatsConfig {
+            url: nats.url(),
+            ..Default::default()
+        },
+        database: DatabaseConfig {
+            url: pg.url(),
+            // Short, so that outages surface fast.
+            acquire_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ingest: IngestConfig {
+            batch_wait: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(300),
+            ..ingest
+        },
+        ..Default::default()
+    };
+    let service = Telemetry::build(config, &ctx)
+        .await
+        .expect("telemetry builds");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { service.run(stop).await.expect("telemetry runs") }
+    });
+    (ctx, stop, task)
+}
+
+/// Reads a counter (summed over its labels) from a replica's metrics.
+fn counter(ctx: &BuildContext, name: &str) -> u64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &ctx.registry()).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A running telemetry service with its own servers.
 struct Rig {
     nats: Nats,
     pg: Postgres,
@@ -70,32 +116,7 @@ impl Rig {
             .await
             .expect("migrations are idempotent");
         let client = nats.client().await.unwrap();
-        let ctx = BuildContext::new();
-        let config = liftwire_telemetry::Config {
-            nats: NatsConfig {
-                url: nats.url(),
-                ..Default::default()
-            },
-            database: DatabaseConfig {
-                url: pg.url(),
-                acquire_timeout: Duration::from_secs(1),
-                ..Default::default()
-            },
-            ingest: IngestConfig {
-                batch_wait: Duration::from_millis(50),
-                max_backoff: Duration::from_millis(300),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let service = Telemetry::build(config, &ctx)
-            .await
-            .expect("telemetry builds");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let stop = stop.clone();
-            async move { service.run(stop).await.expect("telemetry runs") }
-        });
+        let (ctx, stop, task) = replica(&nats, &pg, IngestConfig::default()).await;
         Rig {
             nats,
             pg,
@@ -301,4 +322,313 @@ async fn postgres_restart_mid_stream_loses_nothing() {
     .unwrap();
     assert_eq!(watermark, 40);
     rig.stop().await;
+}
+
+/// A device's fault raised and cleared: two messages, one incident.
+fn fault(device: &str, seq: u64, raised: bool) -> v1::Envelope {
+    let mut envelope = event(device, seq);
+    let id = format!("f{}", (seq + 1) / 2);
+    envelope.body = Some(v1::envelope::Body::Event(v1::Event {
+        kind: Some(if raised {
+            v1::event::Kind::FaultRaised(v1::FaultRaised {
+                fault_id: id,
+                code: v1::FaultCode::DoorLock as i32,
+                ..Default::default()
+            })
+        } else {
+            v1::event::Kind::FaultCleared(v1::FaultCleared {
+                fault_id: id,
+                ..Default::default()
+            })
+        }),
+    }));
+    envelope
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_share_the_stream_and_never_double_process() {
+    let rig = Rig::start().await;
+    let small = IngestConfig {
+        batch_size: 25,
+        ..Default::default()
+    };
+    let (second, stop_second, task_second) = replica(&rig.nats, &rig.pg, small).await;
+    const DEVICES: u64 = 8;
+    const PER_DEVICE: u64 = 120;
+    for seq in 1..=PER_DEVICE {
+        for d in 0..DEVICES {
+            let device = format!("elev-{d}");
+            let topic = format!("lw/v1/b7/{device}/up/event");
+            let envelope = fault(&device, seq, seq % 2 == 1);
+            rig.publish(&topic, &envelope, true).await;
+            if seq % 10 == 0 {
+                // A device resend beyond JetStream's de-duplication: only the database catches it.
+                rig.publish(&topic, &envelope, false).await;
+            }
+        }
+    }
+    let pool = rig.pg.pool().await.unwrap();
+    eventually("every device fully persisted", || {
+        let pool = pool.clone();
+        async move {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM device_watermarks WHERE persisted_seq = $1",
+            )
+            .bind(PER_DEVICE as i64)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            done == DEVICES as i64
+        }
+    })
+    .await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM device_messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        (DEVICES * PER_DEVICE) as i64,
+        "each sequence number once"
+    );
+    // Each raised/cleared pair is one closed fault incident: no message was folded twice.
+    let incidents: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT device_id, count(*), count(ended_at) FROM incidents WHERE kind = 'fault'
+         GROUP BY device_id ORDER BY device_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(incidents.len(), DEVICES as usize);
+    for (device, count, closed) in incidents {
+        assert_eq!(
+            (count, closed),
+            (PER_DEVICE as i64 / 2, PER_DEVICE as i64 / 2),
+            "{device}"
+        );
+    }
+    // Three faults in ten minutes is a burst: one alert per device, its repeats counted.
+    let bursts: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT count(*), max(occurrences) FROM alerts WHERE rule = 'fault_burst' GROUP BY device_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(bursts.len(), DEVICES as usize);
+    assert!(bursts.iter().all(|(alerts, _)| *alerts == 1));
+    let ingested = (
+        counter(&rig.ctx, "liftwire_telemetry_ingest_messages_total"),
+        counter(&second, "liftwire_telemetry_ingest_messages_total"),
+    );
+    assert!(
+        ingested.0 > 0 && ingested.1 > 0,
+        "both replicas took part: {ingested:?}"
+    );
+    stop_second.cancel();
+    task_second.await.unwrap();
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn partitions_past_the_retention_are_dropped_whole() {
+    use chrono::{Days, Utc};
+    use liftwire_telemetry::partitions::{PartitionConfig, Partitions};
+    let pg = Postgres::start().await.unwrap();
+    let pool = pg.pool().await.unwrap();
+    liftwire_telemetry::migrate(&pool).await.unwrap();
+    let partitions = Partitions::new(PartitionConfig {
+        retention_days: 30,
+        premake_days: 2,
+        ..Default::default()
+    });
+    let now = Utc::now();
+    let today = now.date_naive();
+    let old = today - Days::new(31);
+    let kept = today - Days::new(29);
+    partitions
+        .ensure(&pool, &[old, kept].into_iter().collect())
+        .await
+        .unwrap();
+    for (day, device) in [(old, "old"), (kept, "kept")] {
+        sqlx::query(
+            "INSERT INTO device_messages (device_id, seq, building_id, kind, at, received_at, payload)
+             VALUES ($1, 1, 'b', 'event', $2, now(), '')",
+        )
+        .bind(device)
+        .bind(day.and_hms_opt(12, 0, 0).unwrap().and_utc())
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let done = partitions.maintain(&pool, now).await.unwrap();
+    assert_eq!(done.dropped, [old]);
+    assert_eq!(
+        done.created,
+        [today, today + Days::new(1), today + Days::new(2)],
+        "today and the next days are made ahead"
+    );
+    let left: Vec<String> = sqlx::query_scalar("SELECT device_id FROM device_messages")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["kept"]);
+    // A second pass has nothing to do.
+    assert_eq!(
+        partitions.maintain(&pool, now).await.unwrap(),
+        Default::default()
+    );
+}
+
+async fn alert_states(pool: &sqlx::PgPool, device: &str) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT rule, state FROM alerts WHERE device_id = $1 ORDER BY rule")
+        .bind(device)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn time_based_alerts_open_and_resolve_with_presence_service_and_self_tests() {
+    use liftwire_proto::naming::{presence_subject, BuildingId, DeviceId};
+    use liftwire_telemetry::alerts::AlertConfig;
+    let nats = Nats::start().unwrap();
+    let pg = Postgres::start().await.unwrap();
+    let pool = pg.pool().await.unwrap();
+    liftwire_telemetry::migrate(&pool).await.unwrap();
+    let config = liftwire_telemetry::Config {
+        nats: NatsConfig {
+            url: nats.url(),
+            ..Default::default()
+        },
+        database: DatabaseConfig {
+            url: pg.url(),
+            ..Default::default()
+        },
+        ingest: IngestConfig {
+            batch_wait: Duration::from_millis(50),
+            ..Default::default()
+        },
+        alerts: AlertConfig {
+            out_of_service_after: Duration::from_secs(1),
+            offline_after: Duration::from_secs(1),
+            self_test_every: Duration::from_secs(2),
+            evaluate_every: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let service = Telemetry::build(config, &BuildContext::new())
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { service.run(stop).await.unwrap() }
+    });
+    let client = nats.client().await.unwrap();
+    let js = jetstream::new(client.clone());
+    let (building, device) = (
+        BuildingId::new("b9").unwrap(),
+        DeviceId::new("elev-9").unwrap(),
+    );
+    let presence = |state: v1::PresenceState| v1::Presence {
+        device_id: device.to_string(),
+        building_id: building.to_string(),
+        state: state as i32,
+        at: Some(liftwire_proto::timestamp(std::time::SystemTime::now())),
+        ..Default::default()
+    };
+    let send = |seq: u64, kind: v1::event::Kind| {
+        let js = js.clone();
+        async move {
+            let mut envelope = event("elev-9", seq);
+            envelope.device_time = Some(liftwire_proto::timestamp(std::time::SystemTime::now()));
+            envelope.body = Some(v1::envelope::Body::Event(v1::Event { kind: Some(kind) }));
+            js.publish("lw.v1.up.b9.elev-9.event", envelope.encode_to_vec().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+
+    // Presence is plain NATS: repeat it until the service, starting up, has subscribed.
+    eventually("the offline device recorded", || async {
+        client
+            .publish(
+                presence_subject(&building, &device),
+                presence(v1::PresenceState::Offline).encode_to_vec().into(),
+            )
+            .await
+            .unwrap();
+        sqlx::query_scalar::<_, bool>("SELECT NOT online FROM device_presence")
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            == Some(true)
+    })
+    .await;
+    send(
+        1,
+        v1::event::Kind::FaultRaised(v1::FaultRaised {
+            fault_id: "f1".into(),
+            blocking: true,
+            ..Default::default()
+        }),
+    )
+    .await;
+    eventually("offline, out-of-service and self-test alerts", || async {
+        alert_states(&pool, "elev-9").await
+            == [
+                ("device_offline".to_string(), "open".to_string()),
+                ("out_of_service".to_string(), "open".to_string()),
+                ("self_test_missed".to_string(), "open".to_string()),
+            ]
+    })
+    .await;
+
+    client
+        .publish(
+            presence_subject(&building, &device),
+            presence(v1::PresenceState::Online).encode_to_vec().into(),
+        )
+        .await
+        .unwrap();
+    send(
+        2,
+        v1::event::Kind::FaultCleared(v1::FaultCleared {
+            fault_id: "f1".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    send(
+        3,
+        v1::event::Kind::AlarmSelfTest(v1::AlarmSelfTest {
+            passed: true,
+            detail: String::new(),
+        }),
+    )
+    .await;
+    eventually("each alert resolved by its condition ending", || async {
+        alert_states(&pool, "elev-9")
+            .await
+            .iter()
+            .filter(|(_, state)| state == "resolved")
+            .count()
+            == 3
+    })
+    .await;
+    let live = liftwire_telemetry::query::live_state(&pool, &building)
+        .await
+        .unwrap();
+    assert!(live[0].online && live[0].in_service);
+    // The self-test rule fires again once the passed test is older than its period: a new
+    // alert, the resolved one stays resolved.
+    eventually("a new self-test alert after the period", || async {
+        alert_states(&pool, "elev-9").await.len() == 4
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
 }
