@@ -262,8 +262,8 @@ async fn kpis_incidents_alerts_and_history_of_two_simulated_days() {
     )
     .await
     .unwrap();
-    let ka = reply.elevators[0].kpis.clone().unwrap();
-    let kb = reply.elevators[1].kpis.clone().unwrap();
+    let ka = reply.elevators[0].kpis.unwrap();
+    let kb = reply.elevators[1].kpis.unwrap();
     let total = reply.total.unwrap();
     assert_eq!(reply.elevators[0].device_id, "elev-a");
 
