@@ -327,7 +327,7 @@ async fn postgres_restart_mid_stream_loses_nothing() {
 /// A device's fault raised and cleared: two messages, one incident.
 fn fault(device: &str, seq: u64, raised: bool) -> v1::Envelope {
     let mut envelope = event(device, seq);
-    let id = format!("f{}", (seq + 1) / 2);
+    let id = format!("f{}", seq.div_ceil(2));
     envelope.body = Some(v1::envelope::Body::Event(v1::Event {
         kind: Some(if raised {
             v1::event::Kind::FaultRaised(v1::FaultRaised {
