@@ -57,10 +57,12 @@ async fn a_manager_sees_the_live_state_of_their_building_only() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let api = tokio::spawn(serve_http(
         listener,
-        AppState {
-            auth: Authenticator::new(&auth).unwrap(),
-            nats: nats.client().await.unwrap(),
-        },
+        AppState::new(
+            Authenticator::new(&auth).unwrap(),
+            nats.client().await.unwrap(),
+            0.0,
+            1,
+        ),
         64 * 1024,
         stop.clone(),
     ));

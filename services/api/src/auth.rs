@@ -1,7 +1,8 @@
 //! Bearer-token authentication (JWT) and the building scope of each principal.
 
-use std::collections::BTreeSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -13,7 +14,9 @@ use crate::problem::ApiError;
 use crate::AppState;
 
 /// What a token lets its holder do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Everything, in every building.
@@ -54,6 +57,14 @@ pub struct AuthConfig {
     pub audience: String,
     /// Shared HS256 key for development tokens (`liftwire-api mint-token`).
     pub hs256_secret: Option<String>,
+    /// JWKS URL of the identity provider (RS256, ES256 or EdDSA keys, picked by `kid`).
+    pub jwks_url: Option<String>,
+    /// How long fetched keys are trusted before they are fetched again.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+    /// Shortest pause between two fetches triggered by an unknown `kid`.
+    #[serde(with = "humantime_serde")]
+    pub jwks_min_refetch: Duration,
     /// Clock skew tolerated on `exp`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
@@ -65,6 +76,9 @@ impl Default for AuthConfig {
             issuer: "liftwire-dev".into(),
             audience: "liftwire-api".into(),
             hs256_secret: None,
+            jwks_url: None,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_min_refetch: Duration::from_secs(10),
             leeway: Duration::from_secs(30),
         }
     }
@@ -74,7 +88,7 @@ impl Default for AuthConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
     /// No verification key is configured.
-    #[error("no token verification key: set auth.hs256_secret")]
+    #[error("no token verification key: set auth.jwks_url or auth.hs256_secret")]
     NoKey,
     /// The development secret is too short to be safe.
     #[error("auth.hs256_secret must be at least 32 bytes")]
@@ -118,22 +132,124 @@ impl Principal {
     }
 }
 
-/// Verifies tokens.
+/// Keys fetched from a JWKS URL, by `kid`.
+struct Jwks {
+    url: String,
+    http: reqwest::Client,
+    refresh: Duration,
+    min_refetch: Duration,
+    keys: tokio::sync::RwLock<JwksKeys>,
+}
+
+#[derive(Default)]
+struct JwksKeys {
+    by_kid: HashMap<String, (DecodingKey, Algorithm)>,
+    fetched: Option<Instant>,
+}
+
+fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
+    if let Some(alg) = jwk.common.key_algorithm {
+        return match alg {
+            KeyAlgorithm::RS256 => Some(Algorithm::RS256),
+            KeyAlgorithm::RS384 => Some(Algorithm::RS384),
+            KeyAlgorithm::RS512 => Some(Algorithm::RS512),
+            KeyAlgorithm::PS256 => Some(Algorithm::PS256),
+            KeyAlgorithm::ES256 => Some(Algorithm::ES256),
+            KeyAlgorithm::ES384 => Some(Algorithm::ES384),
+            KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
+            _ => None,
+        };
+    }
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+            Some(Algorithm::ES256)
+        }
+        AlgorithmParameters::OctetKeyPair(_) => Some(Algorithm::EdDSA),
+        _ => None,
+    }
+}
+
+impl Jwks {
+    /// Fetches the key set; keys without a `kid` or of an unsupported kind are skipped.
+    async fn fetch(&self) -> Result<HashMap<String, (DecodingKey, Algorithm)>, String> {
+        let set: jsonwebtoken::jwk::JwkSet = self
+            .http
+            .get(&self.url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(set
+            .keys
+            .iter()
+            .filter_map(|jwk| {
+                let kid = jwk.common.key_id.clone()?;
+                let alg = jwk_algorithm(jwk)?;
+                Some((kid, (DecodingKey::from_jwk(jwk).ok()?, alg)))
+            })
+            .collect())
+    }
+
+    /// The key of `kid`, fetching the set when it is stale or does not know `kid` (at most once
+    /// per `min_refetch`, so unknown ids cannot hammer the identity provider).
+    async fn key(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
+        {
+            let keys = self.keys.read().await;
+            let fresh = keys.fetched.is_some_and(|t| t.elapsed() < self.refresh);
+            if let Some(key) = keys.by_kid.get(kid).filter(|_| fresh) {
+                return Some(key.clone());
+            }
+        }
+        let mut keys = self.keys.write().await;
+        let may_fetch = keys.fetched.is_none_or(|t| t.elapsed() >= self.min_refetch);
+        if may_fetch {
+            match self.fetch().await {
+                Ok(by_kid) => {
+                    keys.by_kid = by_kid;
+                    keys.fetched = Some(Instant::now());
+                }
+                Err(e) => tracing::warn!(url = %self.url, error = %e, "fetching the JWKS failed"),
+            }
+        }
+        keys.by_kid.get(kid).cloned()
+    }
+}
+
+/// Verifies tokens: HS256 with the development secret, or keys of the configured JWKS.
 #[derive(Clone)]
 pub struct Authenticator {
-    key: DecodingKey,
+    hs256: Option<DecodingKey>,
+    jwks: Option<Arc<Jwks>>,
     validation: Validation,
 }
 
 impl Authenticator {
-    /// Builds the verifier from the configuration.
+    /// Builds the verifier from the configuration (the JWKS is fetched on first use).
     pub fn new(config: &AuthConfig) -> Result<Self, AuthSetupError> {
-        let secret = config
-            .hs256_secret
-            .as_deref()
-            .ok_or(AuthSetupError::NoKey)?;
-        if secret.len() < 32 {
-            return Err(AuthSetupError::WeakSecret);
+        let hs256 = match config.hs256_secret.as_deref() {
+            Some(secret) if secret.len() < 32 => return Err(AuthSetupError::WeakSecret),
+            Some(secret) => Some(DecodingKey::from_secret(secret.as_bytes())),
+            None => None,
+        };
+        let jwks = config.jwks_url.as_ref().map(|url| {
+            Arc::new(Jwks {
+                url: url.clone(),
+                http: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap_or_default(),
+                refresh: config.jwks_refresh,
+                min_refetch: config.jwks_min_refetch,
+                keys: tokio::sync::RwLock::new(JwksKeys::default()),
+            })
+        });
+        if hs256.is_none() && jwks.is_none() {
+            return Err(AuthSetupError::NoKey);
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[&config.issuer]);
@@ -141,25 +257,48 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = config.leeway.as_secs();
         Ok(Self {
-            key: DecodingKey::from_secret(secret.as_bytes()),
+            hs256,
+            jwks,
             validation,
         })
     }
 
     /// Verifies `token` and returns its principal.
-    pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+    pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         use jsonwebtoken::errors::ErrorKind;
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
-                ApiError::Unauthenticated(match e.kind() {
-                    ErrorKind::ExpiredSignature => "token expired",
-                    ErrorKind::InvalidAudience => "token has the wrong audience",
-                    ErrorKind::InvalidIssuer => "token has the wrong issuer",
-                    ErrorKind::InvalidSignature => "token signature is invalid",
-                    ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
-                    _ => "token is malformed",
-                })
-            })?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| ApiError::Unauthenticated("token is malformed"))?;
+        let (key, alg) = match (header.alg, &self.hs256, &self.jwks) {
+            (Algorithm::HS256, Some(key), _) => (key.clone(), Algorithm::HS256),
+            (_, _, Some(jwks)) if header.alg != Algorithm::HS256 => {
+                let kid = header
+                    .kid
+                    .as_deref()
+                    .ok_or(ApiError::Unauthenticated("token has no key id"))?;
+                let (key, alg) = jwks.key(kid).await.ok_or(ApiError::Unauthenticated(
+                    "token is signed with an unknown key",
+                ))?;
+                if alg != header.alg {
+                    return Err(ApiError::Unauthenticated(
+                        "token algorithm does not match its key",
+                    ));
+                }
+                (key, alg)
+            }
+            _ => return Err(ApiError::Unauthenticated("token algorithm is not accepted")),
+        };
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![alg];
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
+            ApiError::Unauthenticated(match e.kind() {
+                ErrorKind::ExpiredSignature => "token expired",
+                ErrorKind::InvalidAudience => "token has the wrong audience",
+                ErrorKind::InvalidIssuer => "token has the wrong issuer",
+                ErrorKind::InvalidSignature => "token signature is invalid",
+                ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
+                _ => "token is malformed",
+            })
+        })?;
         let claims = data.claims;
         let buildings = claims
             .buildings
@@ -173,6 +312,50 @@ impl Authenticator {
             buildings,
             expires_at: claims.exp,
         })
+    }
+}
+
+/// A token bucket per token: `per_second` requests sustained, `burst` at once. Per replica (the
+/// API is stateless; the limit scales with replicas, which the ingress should know).
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: std::sync::Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+/// Tokens tracked before idle ones are forgotten.
+const MAX_TRACKED_TOKENS: usize = 10_000;
+
+impl RateLimiter {
+    /// A limiter; `per_second = 0` disables it.
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        Self {
+            per_second,
+            burst: f64::from(burst.max(1)),
+            buckets: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one request for `key` at `now`; `Err(seconds)` to wait when over the limit.
+    pub fn check(&self, key: &str, now: Instant) -> Result<(), u64> {
+        if self.per_second <= 0.0 {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_TRACKED_TOKENS && !buckets.contains_key(key) {
+            let full_after = Duration::from_secs_f64(self.burst / self.per_second);
+            buckets.retain(|_, (_, at)| now.saturating_duration_since(*at) < full_after);
+        }
+        let (tokens, at) = buckets.entry(key.to_owned()).or_insert((self.burst, now));
+        let refill = now.saturating_duration_since(*at).as_secs_f64() * self.per_second;
+        *tokens = (*tokens + refill).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.per_second).ceil().max(1.0) as u64)
+        }
     }
 }
 
@@ -220,7 +403,15 @@ impl FromRequestParts<AppState> for Principal {
             .ok_or(ApiError::Unauthenticated(
                 "authorization is not a bearer token",
             ))?;
-        state.auth.verify(token.trim())
+        let token = token.trim();
+        let principal = state.auth.verify(token).await?;
+        // Keyed by the signature: one bucket per token.
+        let key = token.rsplit('.').next().unwrap_or(token);
+        state
+            .limiter
+            .check(key, Instant::now())
+            .map_err(ApiError::TooManyRequests)?;
+        Ok(principal)
     }
 }
 
@@ -251,6 +442,26 @@ mod tests {
         assert!(tech.may_operate(&a) && !tech.may_operate(&b));
         let admin = principal(Role::Admin, &[]);
         assert!(admin.may_read(&b) && admin.may_operate(&b));
+    }
+
+    #[test]
+    fn each_token_has_its_own_bucket() {
+        let limiter = RateLimiter::new(2.0, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(limiter.check("a", t0).is_ok());
+        }
+        assert_eq!(limiter.check("a", t0), Err(1), "burst spent");
+        assert!(
+            limiter.check("b", t0).is_ok(),
+            "another token is not affected"
+        );
+        assert!(
+            limiter.check("a", t0 + Duration::from_millis(500)).is_ok(),
+            "refilled"
+        );
+        assert!(limiter.check("a", t0 + Duration::from_millis(500)).is_err());
+        assert!(RateLimiter::new(0.0, 0).check("a", t0).is_ok(), "disabled");
     }
 
     #[test]

@@ -3,13 +3,18 @@
 //! and forwards to the services that own the data over NATS request/reply. It holds no SQL.
 
 pub mod auth;
+pub mod backend;
+pub mod dto;
+pub mod extract;
 pub mod live;
+pub mod openapi;
 pub mod problem;
+pub mod routes;
 
 use std::net::SocketAddr;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use liftwire_runtime::service::{BoxError, BuildContext, Service};
 use liftwire_runtime::RuntimeConfig;
@@ -42,6 +47,10 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Requests per second sustained per token (per replica; 0 disables the limit).
+    pub rate_limit_per_second: f64,
+    /// Requests a token may send at once.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for HttpConfig {
@@ -49,6 +58,8 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 64 * 1024,
+            rate_limit_per_second: 20.0,
+            rate_limit_burst: 60,
         }
     }
 }
@@ -60,6 +71,19 @@ pub struct AppState {
     pub auth: Authenticator,
     /// NATS client for request/reply with the services.
     pub nats: async_nats::Client,
+    /// Per-token rate limit.
+    pub limiter: std::sync::Arc<auth::RateLimiter>,
+}
+
+impl AppState {
+    /// State with a per-token limit of `per_second` sustained and `burst` at once.
+    pub fn new(auth: Authenticator, nats: async_nats::Client, per_second: f64, burst: u32) -> Self {
+        Self {
+            auth,
+            nats,
+            limiter: std::sync::Arc::new(auth::RateLimiter::new(per_second, burst)),
+        }
+    }
 }
 
 /// The `/api/v1` router.
@@ -74,13 +98,42 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/api/v1/buildings/{building}/live/stream",
             get(live::building_live_stream),
         )
+        .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/api/v1/buildings", get(routes::buildings))
+        .route(
+            "/api/v1/buildings/{building}/elevators",
+            get(live::elevators),
+        )
+        .route(
+            "/api/v1/buildings/{building}/elevators/{elevator}/history",
+            get(routes::history),
+        )
+        .route("/api/v1/buildings/{building}/events", get(routes::events))
+        .route(
+            "/api/v1/buildings/{building}/incidents",
+            get(routes::incidents),
+        )
+        .route("/api/v1/buildings/{building}/kpis", get(routes::kpis))
+        .route("/api/v1/buildings/{building}/alerts", get(routes::alerts))
+        .route(
+            "/api/v1/buildings/{building}/alerts/{alert}",
+            get(routes::alert),
+        )
+        .route(
+            "/api/v1/buildings/{building}/alerts/{alert}/acknowledge",
+            post(routes::acknowledge),
+        )
+        .route(
+            "/api/v1/buildings/{building}/alerts/{alert}/resolve",
+            post(routes::resolve),
+        )
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
 /// Who the caller is, as the API sees it.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Me {
     /// User id.
     pub subject: String,
@@ -90,7 +143,11 @@ pub struct Me {
     pub buildings: Vec<String>,
 }
 
-async fn me(principal: Principal, State(_): State<AppState>) -> Json<Me> {
+/// `GET /api/v1/me`: the caller's identity and scope.
+#[utoipa::path(get, path = "/api/v1/me",
+    responses((status = 200, body = Me), (status = 401, body = problem::Problem)),
+    security(("bearer" = [])), tag = "me")]
+pub async fn me(principal: Principal) -> Json<Me> {
     Json(Me {
         subject: principal.subject,
         role: principal.role,
@@ -138,7 +195,12 @@ impl Service for Api {
         tracing::info!(listen = %listener.local_addr()?, "dashboard API under /api/v1");
         Ok(Self {
             listener,
-            state: AppState { auth, nats },
+            state: AppState::new(
+                auth,
+                nats,
+                config.http.rate_limit_per_second,
+                config.http.rate_limit_burst,
+            ),
             max_body_bytes: config.http.max_body_bytes,
         })
     }

@@ -1,23 +1,23 @@
 //! `GET /api/v1/buildings/{building}/live`: the live state of every elevator of a building,
 //! asked of the telemetry service over NATS.
 
-use std::time::Duration;
-
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
-use liftwire_proto::naming::{service_subject, BuildingId};
+use liftwire_proto::naming::BuildingId;
 use liftwire_proto::{v1, Message};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::auth::Principal;
-use crate::problem::ApiError;
+use crate::backend::ask;
+use crate::dto::PageQuery;
+use crate::extract::{Path, Query};
+use crate::problem::{ApiError, Problem};
+use crate::routes::readable;
 use crate::AppState;
 
-/// How long the telemetry service has to answer.
-pub const SERVICE_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// One open fault.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Fault {
     /// Controller-assigned id.
     pub fault_id: String,
@@ -30,7 +30,7 @@ pub struct Fault {
 }
 
 /// The live state of one elevator.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Elevator {
     /// Device id of the controller.
     pub device_id: String,
@@ -54,10 +54,14 @@ pub struct Elevator {
     pub open_faults: Vec<Fault>,
     /// Device time of the latest message, RFC 3339.
     pub last_seen: Option<String>,
+    /// Connected to a gateway now.
+    pub online: bool,
+    /// Out of service since, RFC 3339.
+    pub out_of_service_since: Option<String>,
 }
 
 /// The live state of a building.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct BuildingLive {
     /// The building.
     pub building_id: String,
@@ -89,6 +93,8 @@ impl From<v1::ElevatorState> for Elevator {
                 })
                 .collect(),
             last_seen: rfc3339(s.last_seen),
+            online: s.online,
+            out_of_service_since: rfc3339(s.out_of_service_since),
             device_id: s.device_id,
             floor: s.floor,
             load_percent: s.load_percent,
@@ -99,54 +105,87 @@ impl From<v1::ElevatorState> for Elevator {
     }
 }
 
-/// The handler: scope first, then the telemetry service.
+async fn live_state(state: &AppState, building: &BuildingId) -> Result<Vec<Elevator>, ApiError> {
+    let reply: v1::LiveStateReply = ask(
+        &state.nats,
+        "telemetry",
+        "live-state",
+        &v1::LiveStateRequest {
+            building_id: building.to_string(),
+        },
+    )
+    .await?;
+    Ok(reply.elevators.into_iter().map(Elevator::from).collect())
+}
+
+/// `GET /api/v1/buildings/{building}/live`: scope first, then the telemetry service.
+#[utoipa::path(get, path = "/api/v1/buildings/{building}/live",
+    params(("building" = String, Path)),
+    responses((status = 200, body = BuildingLive), (status = "4XX", body = Problem)),
+    security(("bearer" = [])), tag = "elevators")]
 pub async fn building_live_state(
     principal: Principal,
     State(state): State<AppState>,
     Path(building): Path<String>,
 ) -> Result<Json<BuildingLive>, ApiError> {
-    let building = BuildingId::new(building)
-        .map_err(|e| ApiError::BadRequest(format!("invalid building id: {e}")))?;
-    if !principal.may_read(&building) {
-        return Err(ApiError::Forbidden);
-    }
-    let subject = service_subject("telemetry", "live-state").map_err(|_| ApiError::Unavailable)?;
-    let request = v1::LiveStateRequest {
-        building_id: building.to_string(),
-    };
-    let mut headers = async_nats::HeaderMap::new();
-    liftwire_runtime::observability::inject_trace_context(&tracing::Span::current(), &mut headers);
-    let response = tokio::time::timeout(
-        SERVICE_TIMEOUT,
-        state
-            .nats
-            .request_with_headers(subject, headers, request.encode_to_vec().into()),
-    )
-    .await
-    .map_err(|_| ApiError::Unavailable)?
-    .map_err(|e| {
-        tracing::warn!(error = %e, "telemetry live-state request failed");
-        ApiError::Unavailable
-    })?;
-    if let Some(code) = response
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR_CODE))
-    {
-        tracing::warn!(code = %code, "telemetry refused a live-state request");
-        return Err(ApiError::Unavailable);
-    }
-    let reply =
-        v1::LiveStateReply::decode(response.payload.as_ref()).map_err(|_| ApiError::Unavailable)?;
+    let building = readable(&principal, building)?;
     Ok(Json(BuildingLive {
+        elevators: live_state(&state, &building).await?,
         building_id: building.to_string(),
-        elevators: reply.elevators.into_iter().map(Elevator::from).collect(),
     }))
+}
+
+/// A page of elevators.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ElevatorPage {
+    /// Elevators, by device id.
+    pub items: Vec<Elevator>,
+    /// Cursor of the next page; absent on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /api/v1/buildings/{building}/elevators`: the building's elevators with their live state,
+/// paginated by device id.
+#[utoipa::path(get, path = "/api/v1/buildings/{building}/elevators",
+    params(("building" = String, Path), PageQuery),
+    responses((status = 200, body = ElevatorPage), (status = "4XX", body = Problem)),
+    security(("bearer" = [])), tag = "elevators")]
+pub async fn elevators(
+    principal: Principal,
+    State(state): State<AppState>,
+    Path(building): Path<String>,
+    Query(page): Query<PageQuery>,
+) -> Result<Json<ElevatorPage>, ApiError> {
+    let building = readable(&principal, building)?;
+    let limit = match page.limit {
+        None | Some(0) => 100,
+        Some(n) if n <= 1_000 => n as usize,
+        Some(_) => return Err(ApiError::BadRequest("limit is at most 1000".into())),
+    };
+    let after = page.cursor.unwrap_or_default();
+    let mut items: Vec<Elevator> = live_state(&state, &building)
+        .await?
+        .into_iter()
+        .filter(|e| e.device_id > after)
+        .take(limit + 1)
+        .collect();
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|e| e.device_id.clone())
+    } else {
+        None
+    };
+    Ok(Json(ElevatorPage { items, next_cursor }))
 }
 
 /// `GET /api/v1/buildings/{building}/live/stream`: Server-Sent Events, one `elevator` event
 /// (the same JSON as in [`BuildingLive`]) each time an elevator of the building changes, until
 /// the token expires.
+#[utoipa::path(get, path = "/api/v1/buildings/{building}/live/stream",
+    params(("building" = String, Path)),
+    responses((status = 200, description = "`text/event-stream` of `elevator` events (JSON `Elevator`)"),
+        (status = "4XX", body = Problem)),
+    security(("bearer" = [])), tag = "elevators")]
 pub async fn building_live_stream(
     principal: Principal,
     State(state): State<AppState>,
@@ -160,11 +199,7 @@ pub async fn building_live_stream(
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
 
-    let building = BuildingId::new(building)
-        .map_err(|e| ApiError::BadRequest(format!("invalid building id: {e}")))?;
-    if !principal.may_read(&building) {
-        return Err(ApiError::Forbidden);
-    }
+    let building = readable(&principal, building)?;
     let changes = state
         .nats
         .subscribe(liftwire_proto::naming::building_state_filter(&building))

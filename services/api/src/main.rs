@@ -39,16 +39,23 @@ enum Command {
         #[arg(long, default_value = "8h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Print the OpenAPI document (what `services/api/openapi.json` holds).
+    Openapi,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Openapi) = cli.command {
+        println!("{}", liftwire_api::openapi::json());
+        return ExitCode::SUCCESS;
+    }
     let config = match load_config::<Api>(cli.config.as_deref()) {
         Ok(config) => config,
         Err(code) => return code,
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => block_on(serve::<Api>(config)),
+        Command::Openapi => ExitCode::SUCCESS,
         Command::MintToken {
             subject,
             role,

@@ -20,18 +20,34 @@ pub enum ApiError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The change conflicts with the resource's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The token sent too many requests; retry after the given seconds.
+    #[error("too many requests, retry in {0} s")]
+    TooManyRequests(u64),
+    /// The request body is larger than the configured limit.
+    #[error("the request body is too large")]
+    PayloadTooLarge,
     /// A backend service did not answer in time.
     #[error("the service is unavailable, try again")]
     Unavailable,
 }
 
-#[derive(Serialize)]
-struct Problem {
+/// An RFC 7807 problem document (`application/problem+json`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// URI naming the problem type.
     #[serde(rename = "type")]
     kind: String,
+    /// Short summary of the problem type.
     title: &'static str,
+    /// HTTP status.
     status: u16,
+    /// What went wrong in this request (never internal details).
     detail: String,
+    /// Stable machine-readable code: `unauthenticated`, `forbidden`, `not_found`, `bad_request`,
+    /// `conflict`, `payload_too_large`, `too_many_requests`, `unavailable`.
     code: &'static str,
 }
 
@@ -46,6 +62,17 @@ impl ApiError {
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", "Bad request"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+            ),
+            ApiError::TooManyRequests(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "Too many requests",
+            ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -70,6 +97,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/problem+json"),
         );
+        if let ApiError::TooManyRequests(seconds) = self {
+            if let Ok(value) = header::HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -31,10 +31,12 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let nats = liftwire_testkit::Nats::start().unwrap();
-        let state = AppState {
-            auth: Authenticator::new(&auth_config()).unwrap(),
-            nats: nats.client().await.unwrap(),
-        };
+        let state = AppState::new(
+            Authenticator::new(&auth_config()).unwrap(),
+            nats.client().await.unwrap(),
+            0.0,
+            1,
+        );
         let stop = CancellationToken::new();
         let task = tokio::spawn(serve_http(listener, state, 1024, stop.clone()));
         Server {

@@ -53,11 +53,14 @@ pub enum Endpoint {
     Alert,
     /// [`v1::AlertTransitionRequest`] → [`v1::AlertReply`].
     AlertTransition,
+    /// [`v1::BuildingsRequest`] → [`v1::BuildingsReply`].
+    Buildings,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 8] = [
+    pub const ALL: [Endpoint; 9] = [
+        Endpoint::Buildings,
         Endpoint::LiveState,
         Endpoint::History,
         Endpoint::Events,
@@ -79,6 +82,7 @@ impl Endpoint {
             Endpoint::Alerts => "alerts",
             Endpoint::Alert => "alert",
             Endpoint::AlertTransition => "alert-transition",
+            Endpoint::Buildings => "buildings",
         }
     }
 
@@ -601,6 +605,52 @@ async fn alert_transition(
     alert_with_transitions(&q.pool, &building, r.alert_id).await
 }
 
+async fn buildings(q: &Queries, r: v1::BuildingsRequest) -> Result<v1::BuildingsReply, QueryError> {
+    for id in &r.building_ids {
+        building(id)?;
+    }
+    let limit = page_limit(&r.page)?;
+    type SummaryRow = (String, i64, i64, i64, i64);
+    let rows: Vec<SummaryRow> = sqlx::query_as(
+        "SELECT s.building_id, count(*),
+                count(*) FILTER (WHERE s.out_of_service_since IS NULL),
+                count(*) FILTER (WHERE p.online),
+                (SELECT count(*) FROM alerts a
+                 WHERE a.building_id = s.building_id AND a.state <> 'resolved')
+         FROM elevator_state s LEFT JOIN device_presence p ON p.device_id = s.device_id
+         WHERE (cardinality($1::text[]) = 0 OR s.building_id = ANY($1)) AND s.building_id > $2
+         GROUP BY s.building_id ORDER BY s.building_id LIMIT $3",
+    )
+    .bind(&r.building_ids)
+    .bind(cursor(&r.page))
+    .bind(limit + 1)
+    .fetch_all(&q.pool)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+    let buildings: Vec<v1::BuildingSummary> = rows
+        .into_iter()
+        .take(usize::try_from(limit).unwrap_or(usize::MAX))
+        .map(
+            |(building_id, elevators, in_service, online, alerts)| v1::BuildingSummary {
+                building_id,
+                elevators: count(elevators),
+                in_service: count(in_service),
+                online: count(online),
+                unresolved_alerts: count(alerts),
+            },
+        )
+        .collect();
+    let next_cursor = match (more, buildings.last()) {
+        (true, Some(last)) => last.building_id.clone(),
+        _ => String::new(),
+    };
+    Ok(v1::BuildingsReply {
+        buildings,
+        next_cursor,
+    })
+}
+
 fn decode<M: Message + Default>(payload: &[u8]) -> Result<M, QueryError> {
     M::decode(payload).map_err(|e| bad(format!("payload: {e}")))
 }
@@ -633,6 +683,7 @@ pub async fn handle(
                 .encode_to_vec()
         }
         Endpoint::AlertTransition => alert_transition(q, decode(payload)?).await?.encode_to_vec(),
+        Endpoint::Buildings => buildings(q, decode(payload)?).await?.encode_to_vec(),
     })
 }
 
