@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "liftwire/v1/device.proto",
     "liftwire/v1/backend.proto",
     "liftwire/v1/telemetry_api.proto",
+    "liftwire/v1/gateway_api.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

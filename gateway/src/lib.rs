@@ -12,6 +12,7 @@
 //! No local state: several replicas serve the same fleet.
 
 pub mod acl;
+pub mod control;
 pub mod downlink;
 pub mod edge;
 pub mod metrics;
@@ -475,6 +476,29 @@ impl Service for Gateway {
                 }
             }
         });
+        let control = tokio::spawn({
+            let serve = control::serve(
+                control::Control {
+                    registry: registry.clone(),
+                    nats: nats.clone(),
+                },
+                tasks.child_token(),
+            );
+            async move {
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "control endpoints failed");
+                }
+            }
+        });
+        let results = tokio::spawn({
+            let follow =
+                control::follow_results(js.clone(), registry.pool().clone(), tasks.child_token());
+            async move {
+                if let Err(e) = follow.await {
+                    tracing::error!(error = %e, "following command results failed");
+                }
+            }
+        });
         let revocations = tokio::spawn(watch_revocations(
             registry,
             shared.clone(),
@@ -549,6 +573,8 @@ impl Service for Gateway {
             ("broker link", drain),
             ("downlink", down),
             ("revocations", revocations),
+            ("control endpoints", control),
+            ("command results", results),
         ] {
             task.await.map_err(|e| format!("{name} task failed: {e}"))?;
         }

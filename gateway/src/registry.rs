@@ -187,6 +187,11 @@ impl Registry {
         Ok(())
     }
 
+    /// The registry's database (the gateway's own).
+    pub fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+
     /// Devices changed (rotated or revoked) after `since`, oldest first.
     pub async fn changes_since(&self, since: DateTime<Utc>) -> Result<Vec<Change>, sqlx::Error> {
         let rows: Vec<(String, bool, DateTime<Utc>)> = sqlx::query_as(

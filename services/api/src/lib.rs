@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod devices;
 pub mod dto;
 pub mod extract;
 pub mod live;
@@ -126,6 +127,22 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route(
             "/api/v1/buildings/{building}/alerts/{alert}/resolve",
             post(routes::resolve),
+        )
+        .route(
+            "/api/v1/buildings/{building}/devices",
+            get(devices::list).post(devices::provision),
+        )
+        .route(
+            "/api/v1/buildings/{building}/devices/{device}/rotate",
+            post(devices::rotate),
+        )
+        .route(
+            "/api/v1/buildings/{building}/elevators/{elevator}/commands",
+            get(devices::list_commands).post(devices::send),
+        )
+        .route(
+            "/api/v1/buildings/{building}/elevators/{elevator}/commands/{command}",
+            get(devices::command),
         )
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(max_body_bytes))

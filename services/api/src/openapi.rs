@@ -6,7 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{dto, live, problem, routes};
+use crate::{devices, dto, live, problem, routes};
 
 /// The API's OpenAPI document.
 #[derive(OpenApi)]
@@ -29,6 +29,12 @@ use crate::{dto, live, problem, routes};
         routes::alert,
         routes::acknowledge,
         routes::resolve,
+        devices::list,
+        devices::provision,
+        devices::rotate,
+        devices::send,
+        devices::list_commands,
+        devices::command,
     ),
     components(schemas(
         crate::Me,
@@ -54,6 +60,13 @@ use crate::{dto, live, problem, routes};
         dto::AlertDetail,
         dto::AlertPage,
         dto::AlertAction,
+        devices::Device,
+        devices::DevicePage,
+        devices::DeviceSecret,
+        devices::NewDevice,
+        devices::Command,
+        devices::NewCommand,
+        devices::CommandPage,
     )),
     modifiers(&Bearer)
 )]

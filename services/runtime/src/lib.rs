@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod config;
 pub mod database;
+pub mod endpoints;
 pub mod nats;
 pub mod observability;
 pub mod service;

@@ -5,15 +5,12 @@
 
 use std::time::Duration;
 
-use async_nats::service::{self, ServiceExt};
 use chrono::{DateTime, Utc};
-use futures::{Stream, StreamExt};
 use liftwire_proto::naming::{service_subject, BuildingId, DeviceId};
 use liftwire_proto::{v1, Message};
-use liftwire_runtime::observability::adopt_trace_context;
+use liftwire_runtime::endpoints::{self, EndpointError};
 use liftwire_runtime::service::BoxError;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::alerts::{self, AlertRow, TransitionError, ALERT_COLUMNS};
 use crate::kpi;
@@ -31,8 +28,6 @@ pub const MAX_PAGE: u32 = 1_000;
 pub const MAX_BUCKETS: u32 = 10_000;
 /// Longest range a request may cover.
 pub const MAX_RANGE: Duration = Duration::from_secs(400 * 86_400);
-/// Requests handled at once per replica.
-const CONCURRENCY: usize = 32;
 
 /// The endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +117,17 @@ impl QueryError {
             QueryError::NotFound(_) => 404,
             QueryError::Conflict(_) => 409,
             QueryError::Unavailable(_) => 503,
+        }
+    }
+}
+
+impl From<QueryError> for EndpointError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::BadRequest(m) => EndpointError::bad_request(m),
+            QueryError::NotFound(m) => EndpointError::not_found(m),
+            QueryError::Conflict(m) => EndpointError::conflict(m),
+            QueryError::Unavailable(source) => EndpointError::unavailable(&source),
         }
     }
 }
@@ -687,59 +693,27 @@ pub async fn handle(
     })
 }
 
-type Requests = std::pin::Pin<Box<dyn Stream<Item = (Endpoint, service::Request)> + Send>>;
-
 /// Serves the endpoints until `shutdown`; requests in progress are answered before returning.
 pub async fn serve(q: Queries, shutdown: CancellationToken) -> Result<(), BoxError> {
-    let service = q
-        .nats
-        .service_builder()
-        .description("liftwire telemetry: live state, history, events, incidents, KPIs, alerts")
-        .queue_group(QUEUE_GROUP)
-        .start(SERVICE, env!("CARGO_PKG_VERSION"))
-        .await?;
-    let group = service.group(format!("lw.v1.svc.{SERVICE}"));
-    let mut streams: Vec<Requests> = Vec::new();
-    for endpoint in Endpoint::ALL {
-        let requests = group.endpoint(endpoint.name()).await?;
-        streams.push(Box::pin(requests.map(move |r| (endpoint, r))));
-    }
-    // Stopping the service unsubscribes the endpoints; the requests already received are still
-    // answered, then the stream ends.
-    let q = std::sync::Arc::new(q);
-    let stop = async {
-        shutdown.cancelled().await;
-        service.stop().await
+    let names: Vec<&'static str> = Endpoint::ALL.iter().map(|e| e.name()).collect();
+    let nats = q.nats.clone();
+    let handler = move |name: String, payload: bytes::Bytes| -> endpoints::Answer {
+        let q = q.clone();
+        Box::pin(async move {
+            let endpoint = Endpoint::ALL
+                .into_iter()
+                .find(|e| e.name() == name)
+                .ok_or_else(|| EndpointError::not_found(name.as_str()))?;
+            handle(&q, endpoint, &payload).await.map_err(Into::into)
+        })
     };
-    let answer = futures::stream::select_all(streams).for_each_concurrent(
-        CONCURRENCY,
-        |(endpoint, request)| {
-            let q = q.clone();
-            async move {
-                let span = tracing::info_span!("telemetry_query", endpoint = endpoint.name());
-                if let Some(headers) = &request.message.headers {
-                    adopt_trace_context(&span, headers);
-                }
-                let reply = handle(&q, endpoint, &request.message.payload)
-                    .instrument(span.clone())
-                    .await
-                    .map(Into::into)
-                    .map_err(|e| {
-                        if let QueryError::Unavailable(source) = &e {
-                            span.in_scope(|| tracing::warn!(error = %source, "query failed"));
-                        }
-                        service::error::Error {
-                            status: e.to_string(),
-                            code: e.code(),
-                        }
-                    });
-                if let Err(e) = request.respond(reply).await {
-                    tracing::warn!(error = %e, endpoint = endpoint.name(), "replying failed");
-                }
-            }
-        },
-    );
-    let (stopped, ()) = tokio::join!(stop, answer);
-    stopped?;
-    Ok(())
+    endpoints::serve(
+        nats,
+        SERVICE,
+        "liftwire telemetry: live state, history, events, incidents, KPIs, alerts",
+        &names,
+        handler,
+        shutdown,
+    )
+    .await
 }
