@@ -12,76 +12,15 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
+use common::sim::{elevator, publish, simulate, Day, HOUR, MINUTE};
 use common::{eventually, telemetry};
-use liftwire_firmware_sim::{Elevator, ElevatorSpec, Incident, Scenario, TrafficProfile};
-use liftwire_proto::naming::{
-    alert_subject, service_subject, uplink_msg_id, BuildingId, DeviceId, Uplink, UPLINK_STREAM,
-};
+use liftwire_firmware_sim::{Incident, Scenario};
+use liftwire_proto::naming::{alert_subject, service_subject, BuildingId, UPLINK_STREAM};
 use liftwire_proto::{timestamp_from_unix_ms, v1, Message};
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
 use liftwire_testkit::{Nats, Postgres};
 
-const MINUTE: u64 = 60_000;
-const HOUR: u64 = 60 * MINUTE;
 const BUILDING: &str = "mc-golden";
-
-/// What an elevator sent during the simulated day.
-struct Day {
-    device: DeviceId,
-    envelopes: Vec<v1::Envelope>,
-}
-
-/// Runs `elevator` from midnight, injecting each incident at its time of day, up to `until`.
-fn simulate(mut elevator: Elevator, incidents: Vec<(u64, Incident)>, until: u64) -> Day {
-    let device = elevator.device().clone();
-    let mut envelopes = Vec::new();
-    for (at, incident) in incidents {
-        envelopes.extend(elevator.advance(at - elevator.now_ms()));
-        envelopes.extend(elevator.inject(incident));
-    }
-    envelopes.extend(elevator.advance(until - elevator.now_ms()));
-    Day { device, envelopes }
-}
-
-fn elevator(device: &str, first_self_test: u64, epoch_ms: i64) -> Elevator {
-    let spec = ElevatorSpec {
-        telemetry_interval_ms: MINUTE,
-        ..Default::default()
-    };
-    // The seed sets the time of the daily alarm self-test (seed mod 24 h).
-    Elevator::new(
-        DeviceId::new(device).unwrap(),
-        spec,
-        TrafficProfile::Night,
-        first_self_test,
-        epoch_ms,
-    )
-}
-
-async fn publish(js: &jetstream::Context, day: &Day) {
-    let building = BuildingId::new(BUILDING).unwrap();
-    let mut acks = Vec::new();
-    for envelope in &day.envelopes {
-        let up = Uplink {
-            building: building.clone(),
-            device: day.device.clone(),
-            kind: envelope.kind().unwrap(),
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            uplink_msg_id(&day.device, envelope.seq).as_str(),
-        );
-        acks.push(
-            js.publish_with_headers(up.nats_subject(), headers, envelope.encode_to_vec().into())
-                .await
-                .unwrap(),
-        );
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
-}
 
 /// A request to a telemetry endpoint; `Err` carries the service error code.
 async fn call<R: Message + Default>(
@@ -232,8 +171,8 @@ async fn kpis_incidents_alerts_and_history_of_two_simulated_days() {
         ],
         25 * HOUR,
     );
-    publish(&js, &a).await;
-    publish(&js, &b).await;
+    publish(&js, BUILDING, &a).await;
+    publish(&js, BUILDING, &b).await;
     let last = |d: &Day| i64::try_from(d.envelopes.last().unwrap().seq).unwrap();
     let (last_a, last_b) = (last(&a), last(&b));
     eventually("both days ingested", Duration::from_secs(60), || {

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used, dead_code)]
 
+pub mod sim;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
