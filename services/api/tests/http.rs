@@ -210,3 +210,177 @@ async fn a_live_stream_ends_when_its_token_expires() {
     assert!(ended.is_ok(), "the stream outlived its token");
     server.stop().await;
 }
+
+/// An Ed25519 identity provider: its JWKS served over HTTP, and tokens it signs.
+struct IdentityProvider {
+    url: String,
+    key: jsonwebtoken::EncodingKey,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl IdentityProvider {
+    async fn start() -> Self {
+        use base64::Engine;
+        let seed = [7u8; 32];
+        let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+            .verifying_key()
+            .to_bytes();
+        // PKCS#8 v1 wrapping of an Ed25519 seed (RFC 8410).
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&seed);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "OKP", "crv": "Ed25519", "use": "sig", "alg": "EdDSA", "kid": "idp-1",
+            "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public),
+        }]});
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let jwks = jwks.clone();
+                async move { axum::Json(jwks) }
+            }),
+        );
+        let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        IdentityProvider {
+            url,
+            key: jsonwebtoken::EncodingKey::from_ed_der(&der),
+            task,
+        }
+    }
+
+    fn token(&self, kid: &str, audience: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = liftwire_api::auth::Claims {
+            sub: "carol".into(),
+            iss: "https://idp.example".into(),
+            aud: audience.into(),
+            exp: now + 300,
+            iat: now,
+            role: Role::Manager,
+            buildings: vec!["mc-a".into()],
+        };
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn tokens_of_an_identity_provider_are_verified_with_its_jwks() {
+    let idp = IdentityProvider::start().await;
+    let config = AuthConfig {
+        issuer: "https://idp.example".into(),
+        audience: "liftwire-api".into(),
+        jwks_url: Some(idp.url.clone()),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let nats = liftwire_testkit::Nats::start().unwrap();
+    let state = AppState::new(
+        Authenticator::new(&config).unwrap(),
+        nats.client().await.unwrap(),
+        0.0,
+        1,
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve_http(listener, state, 1024, stop.clone()));
+    let me = |token: String| {
+        let base = base.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .get(format!("{base}/api/v1/me"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, body) = me(idp.token("idp-1", "liftwire-api")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["subject"], "carol");
+    let (status, body) = me(idp.token("idp-2", "liftwire-api")).await;
+    assert_eq!(
+        (status, body["detail"].as_str()),
+        (401, Some("token is signed with an unknown key"))
+    );
+    let (status, body) = me(idp.token("idp-1", "another-api")).await;
+    assert_eq!(
+        (status, body["detail"].as_str()),
+        (401, Some("token has the wrong audience"))
+    );
+    let tampered = {
+        let token = idp.token("idp-1", "liftwire-api");
+        let (rest, signature) = token.rsplit_once('.').unwrap();
+        let flipped = if signature.starts_with('A') { "B" } else { "A" };
+        format!("{rest}.{flipped}{}", &signature[1..])
+    };
+    assert_eq!(me(tampered).await.0, 401);
+    // An HS256 token is refused when only the JWKS is configured.
+    let hs256 = token_with(
+        &AuthConfig {
+            issuer: "https://idp.example".into(),
+            ..auth_config()
+        },
+        Duration::from_secs(60),
+    );
+    assert_eq!(me(hs256).await.0, 401);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    idp.task.abort();
+}
+
+#[tokio::test]
+async fn each_token_is_rate_limited_on_its_own() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let nats = liftwire_testkit::Nats::start().unwrap();
+    // One request a minute sustained, three at once: time cannot refill the bucket in this test.
+    let state = AppState::new(
+        Authenticator::new(&auth_config()).unwrap(),
+        nats.client().await.unwrap(),
+        1.0 / 60.0,
+        3,
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve_http(listener, state, 1024, stop.clone()));
+    let get = |token: &str| {
+        reqwest::Client::new()
+            .get(format!("{base}/api/v1/me"))
+            .bearer_auth(token)
+            .send()
+    };
+    let busy = token_with(&auth_config(), Duration::from_secs(60));
+    for _ in 0..3 {
+        assert_eq!(get(&busy).await.unwrap().status(), 200);
+    }
+    let refused = get(&busy).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "60");
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "too_many_requests");
+    let other = mint(
+        &auth_config(),
+        "bob",
+        Role::Manager,
+        &[],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert_eq!(
+        get(&other).await.unwrap().status(),
+        200,
+        "another token is not limited"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
