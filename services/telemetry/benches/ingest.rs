@@ -445,10 +445,33 @@ fn measure_validate(messages: &[Msg]) -> Duration {
     elapsed
 }
 
-async fn measure_write_batch(messages: &[Msg], batch_size: usize) -> Duration {
+async fn measure_write_batch(messages: &[Msg], batch_size: usize) -> (Duration, String) {
     let (_pg, pool) = fresh_database().await;
     let partitions = Partitions::new(PartitionConfig::default());
     let rules = FoldRules::default();
+    // TEMP-PROFILE
+    if let Ok(ff) = std::env::var("BENCH_FILLFACTOR") {
+        for t in ["device_watermarks", "elevator_state"] {
+            sqlx::query(&format!("ALTER TABLE {t} SET (fillfactor = {ff})"))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+    if std::env::var("BENCH_AUTOVAC").is_ok() {
+        for t in ["device_watermarks", "elevator_state"] {
+            sqlx::query(&format!("ALTER TABLE {t} SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000)")).execute(&pool).await.unwrap();
+        }
+        sqlx::query("ALTER SYSTEM SET autovacuum_naptime = 1")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_reload_conf()")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
     for chunk in messages.chunks(batch_size) {
         let rows = validate_all(chunk, &clock(&partitions));
@@ -462,9 +485,19 @@ async fn measure_write_batch(messages: &[Msg], batch_size: usize) -> Duration {
         assert_eq!(outcome.inserted, chunk.len() as u64);
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_delta(&cpu_before, &cpu_seconds());
+    // TEMP-PROFILE
+    let stats: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as("SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_dead_tup, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables ORDER BY relname").fetch_all(&pool).await.unwrap();
+    for s in stats {
+        eprintln!("{s:?}");
+    }
+    let sizes: Vec<(String, i64)> = sqlx::query_as("SELECT relname::text, pg_total_relation_size(oid) FROM pg_class WHERE relname LIKE 'device_w%' OR relname LIKE 'elevator_state%' ORDER BY 1").fetch_all(&pool).await.unwrap();
+    for s in sizes {
+        eprintln!("{s:?}");
+    }
     assert_eq!(count_rows(&pool).await, messages.len() as i64);
     pool.close().await;
-    elapsed
+    (elapsed, cpu)
 }
 
 async fn preload(js: &jetstream::Context, messages: &[Msg]) -> Duration {
@@ -480,8 +513,9 @@ async fn preload(js: &jetstream::Context, messages: &[Msg]) -> Duration {
                     .expect("publish"),
             );
         }
-        for ack in futures::future::join_all(acks).await {
-            let ack = ack.expect("publish acknowledged");
+        // The acks arrive concurrently; awaiting them in order only collects them.
+        for ack in acks {
+            let ack = ack.await.expect("publish acknowledged");
             assert!(!ack.duplicate, "workload message ids are unique");
         }
     }
@@ -571,17 +605,35 @@ async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
         ..Default::default()
     };
     let consumer_name = config.ingest.consumer.clone();
+    // TEMP-PROFILE
+    let profile = std::env::var("BENCH_PROFILE").unwrap_or_default();
+    if profile == "log" {
+        sqlx::query("ALTER DATABASE liftwire SET log_min_duration_statement = 0")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let perf = (profile == "perf").then(|| {
+        std::process::Command::new("perf")
+            .args(["record", "-a", "-g", "-o", "/tmp/perf.svc"])
+            .spawn()
+            .unwrap()
+    });
     let rss_before = rss_mib();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    let service = Telemetry::build(config, &BuildContext::new())
+    let stop = CancellationToken::new();
+    let replicas: usize = std::env::var("BENCH_REPLICAS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let mut tasks = Vec::new();
+    for _ in 0..replicas {
+    let service = Telemetry::build(config.clone(), &BuildContext::new())
         .await
         .expect("telemetry builds");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
+    tasks.push(tokio::spawn({
         let stop = stop.clone();
         async move { service.run(stop).await.expect("telemetry runs") }
-    });
+    }));
+    }
 
     let mut rss_peak = rss_before;
     let ingest = loop {
@@ -604,9 +656,26 @@ async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let cpu = cpu_delta(&cpu_before, &cpu_seconds());
+    if let Some(p) = perf {
+        std::process::Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status()
+            .unwrap();
+        let mut p = p;
+        p.wait().unwrap();
+    }
+    if profile == "log" {
+        std::process::Command::new("sh")
+            .args([
+                "-c",
+                "cp $(ls -td /tmp/liftwire-pg-*/ | head -1)postgres.log /tmp/pg-service.log",
+            ])
+            .status()
+            .unwrap();
+    }
     let rss_after = rss_mib();
     stop.cancel();
-    task.await.expect("telemetry stops");
+    for task in tasks { task.await.expect("telemetry stops"); }
     pool.close().await;
     drop(pg);
     drop(nats);
@@ -678,6 +747,11 @@ async fn main() {
     let rate = |d: Duration| args.messages as f64 / d.as_secs_f64();
 
     for r in 1..=args.repeat {
+        if std::env::var("BENCH_PROFILE").is_ok() {
+            let run = measure_service(&messages, args.batch_sizes[0]).await;
+            eprintln!("service {:?} cpu {}", run.ingest, run.cpu);
+            continue;
+        }
         eprintln!("repetition {r}/{}: raw COPY", args.repeat);
         let d = measure_copy(&messages).await;
         rates
@@ -696,15 +770,17 @@ async fn main() {
                 "repetition {r}/{}: validate + write_batch, batch {batch}",
                 args.repeat
             );
-            let d = measure_write_batch(&messages, batch).await;
-            rates
-                .entry((
-                    2,
-                    b,
-                    format!("validate + store::write_batch, no NATS (batch {batch})"),
-                ))
+            let (d, cpu) = measure_write_batch(&messages, batch).await;
+            let key = (
+                2,
+                b,
+                format!("validate + store::write_batch, no NATS (batch {batch})"),
+            );
+            rates.entry(key.clone()).or_default().push(rate(d));
+            notes
+                .entry(key)
                 .or_default()
-                .push(rate(d));
+                .push(format!("#{r}: {:.1} s; CPU s: {cpu}", d.as_secs_f64()));
         }
 
         for (b, &batch) in args.batch_sizes.iter().enumerate() {
