@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::Utc;
-use common::sim::{elevator, publish, simulate, HOUR, MINUTE};
+use common::sim::{elevator, ingested, publish, simulate, HOUR, MINUTE};
 use common::{eventually, gateway, registry_database, telemetry};
 use liftwire_api::auth::{mint, AuthConfig, Authenticator, Role};
 use liftwire_api::{serve_http, AppState};
@@ -209,21 +209,7 @@ async fn every_route_is_scoped_validated_and_paginated() {
     let js = jetstream::new(nats.client().await.unwrap());
     publish(&js, "mc-a", &day_a).await;
     publish(&js, "mc-b", &day_b).await;
-    let last_a = day_a.envelopes.last().unwrap().seq as i64;
-    let last_b = day_b.envelopes.last().unwrap().seq as i64;
-    eventually("both days ingested", Duration::from_secs(60), || {
-        let pool = pool.clone();
-        async move {
-            let marks: Vec<i64> = sqlx::query_scalar(
-                "SELECT persisted_seq FROM device_watermarks ORDER BY device_id",
-            )
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-            marks == [last_a, last_b]
-        }
-    })
-    .await;
+    ingested(&pool, &[&day_a, &day_b]).await;
 
     let (_, alerts_b) = http
         .get("/api/v1/buildings/mc-b/alerts?state=open", &admin)
@@ -522,7 +508,7 @@ async fn every_route_is_scoped_validated_and_paginated() {
         matches!(delivered.body, Some(v1::downlink::Body::Command(c)) if c.command_id == command_id)
     );
     // The device answers on its command-result uplink (as the gateway would store it).
-    let seq = last_a as u64 + 1;
+    let seq = day_a.envelopes.last().unwrap().seq + 1;
     let result = v1::Envelope {
         schema_version: SCHEMA_VERSION,
         device_id: "elev-a1".into(),

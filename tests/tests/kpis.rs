@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
-use common::sim::{elevator, publish, simulate, Day, HOUR, MINUTE};
-use common::{eventually, telemetry};
+use common::sim::{elevator, ingested, publish, simulate, Day, HOUR, MINUTE};
+use common::telemetry;
 use liftwire_firmware_sim::{Incident, Scenario};
 use liftwire_proto::naming::{alert_subject, service_subject, BuildingId, UPLINK_STREAM};
 use liftwire_proto::{timestamp_from_unix_ms, v1, Message};
@@ -173,21 +173,7 @@ async fn kpis_incidents_alerts_and_history_of_two_simulated_days() {
     );
     publish(&js, BUILDING, &a).await;
     publish(&js, BUILDING, &b).await;
-    let last = |d: &Day| i64::try_from(d.envelopes.last().unwrap().seq).unwrap();
-    let (last_a, last_b) = (last(&a), last(&b));
-    eventually("both days ingested", Duration::from_secs(60), || {
-        let pool = pool.clone();
-        async move {
-            let marks: Vec<i64> = sqlx::query_scalar(
-                "SELECT persisted_seq FROM device_watermarks ORDER BY device_id",
-            )
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-            marks == [last_a, last_b]
-        }
-    })
-    .await;
+    ingested(&pool, &[&a, &b]).await;
 
     // --- KPIs over the first day --------------------------------------------------------
     let reply: v1::KpiReply = call(

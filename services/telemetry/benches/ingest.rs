@@ -623,16 +623,19 @@ async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let stop = CancellationToken::new();
-    let replicas: usize = std::env::var("BENCH_REPLICAS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let replicas: usize = std::env::var("BENCH_REPLICAS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let mut tasks = Vec::new();
     for _ in 0..replicas {
-    let service = Telemetry::build(config.clone(), &BuildContext::new())
-        .await
-        .expect("telemetry builds");
-    tasks.push(tokio::spawn({
-        let stop = stop.clone();
-        async move { service.run(stop).await.expect("telemetry runs") }
-    }));
+        let service = Telemetry::build(config.clone(), &BuildContext::new())
+            .await
+            .expect("telemetry builds");
+        tasks.push(tokio::spawn({
+            let stop = stop.clone();
+            async move { service.run(stop).await.expect("telemetry runs") }
+        }));
     }
 
     let mut rss_peak = rss_before;
@@ -675,7 +678,9 @@ async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
     }
     let rss_after = rss_mib();
     stop.cancel();
-    for task in tasks { task.await.expect("telemetry stops"); }
+    for task in tasks {
+        task.await.expect("telemetry stops");
+    }
     pool.close().await;
     drop(pg);
     drop(nats);

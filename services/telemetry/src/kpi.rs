@@ -296,16 +296,44 @@ pub async fn load_facts(
         .map(|d| (d.clone(), ElevatorFacts::default()))
         .collect();
     type IncidentRow = (String, String, bool, DateTime<Utc>, Option<DateTime<Utc>>);
-    let incidents: Vec<IncidentRow> = sqlx::query_as(
-        "SELECT device_id, kind, planned, started_at, ended_at FROM incidents
+    type CountRow = (Option<String>, i64, i64, Option<i32>);
+    let lookback = from - chrono::Duration::from_std(self_test_every).unwrap_or_default();
+    // Independent reads, run at once on separate connections.
+    let (incidents, counts, tests) = tokio::try_join!(
+        sqlx::query_as::<_, IncidentRow>(
+            "SELECT device_id, kind, planned, started_at, ended_at FROM incidents
              WHERE device_id = ANY($1) AND kind IN ('downtime', 'maintenance', 'entrapment')
                AND started_at < $3 AND (ended_at IS NULL OR ended_at > $2)",
-    )
-    .bind(devices)
-    .bind(from)
-    .bind(to)
-    .fetch_all(pool)
-    .await?;
+        )
+        .bind(devices)
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool),
+        sqlx::query_as::<_, CountRow>(
+            "SELECT device_id,
+                    count(*) FILTER (WHERE event = 'trip_completed'),
+                    count(*) FILTER (WHERE event = 'door_cycle'),
+                    percentile_disc(0.95) WITHIN GROUP (ORDER BY abs(event_value))
+                        FILTER (WHERE event = 'trip_completed')
+             FROM device_messages
+             WHERE device_id = ANY($1) AND at >= $2 AND at < $3
+               AND event IN ('trip_completed', 'door_cycle')
+             GROUP BY GROUPING SETS ((device_id), ())",
+        )
+        .bind(devices)
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool),
+        sqlx::query_as::<_, (String, DateTime<Utc>)>(
+            "SELECT device_id, at FROM device_messages
+             WHERE device_id = ANY($1) AND at >= $2 AND at < $3
+               AND event = 'alarm_self_test' AND event_value = 1",
+        )
+        .bind(devices)
+        .bind(lookback)
+        .bind(to)
+        .fetch_all(pool),
+    )?;
     for (device, kind, planned, start, end) in incidents {
         let Some(f) = facts.get_mut(&device) else {
             continue;
@@ -319,22 +347,6 @@ pub async fn load_facts(
             _ => {}
         }
     }
-    let counts: Vec<(Option<String>, i64, i64, Option<i32>)> = sqlx::query_as(
-        "SELECT device_id,
-                count(*) FILTER (WHERE event = 'trip_completed'),
-                count(*) FILTER (WHERE event = 'door_cycle'),
-                percentile_disc(0.95) WITHIN GROUP (ORDER BY abs(event_value))
-                    FILTER (WHERE event = 'trip_completed')
-         FROM device_messages
-         WHERE device_id = ANY($1) AND at >= $2 AND at < $3
-           AND event IN ('trip_completed', 'door_cycle')
-         GROUP BY GROUPING SETS ((device_id), ())",
-    )
-    .bind(devices)
-    .bind(from)
-    .bind(to)
-    .fetch_all(pool)
-    .await?;
     let mut overall_p95 = None;
     for (device, trips, doors, p95) in counts {
         match device {
@@ -348,17 +360,6 @@ pub async fn load_facts(
             None => overall_p95 = p95.map(f64::from),
         }
     }
-    let lookback = from - chrono::Duration::from_std(self_test_every).unwrap_or_default();
-    let tests: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT device_id, at FROM device_messages
-         WHERE device_id = ANY($1) AND at >= $2 AND at < $3
-           AND event = 'alarm_self_test' AND event_value = 1",
-    )
-    .bind(devices)
-    .bind(lookback)
-    .bind(to)
-    .fetch_all(pool)
-    .await?;
     for (device, at) in tests {
         if let Some(f) = facts.get_mut(&device) {
             f.passed_self_tests.push(at);

@@ -71,3 +71,33 @@ pub async fn publish(js: &jetstream::Context, building: &str, day: &Day) {
         ack.await.unwrap();
     }
 }
+
+/// Waits until telemetry has persisted every message of `days` (each elevator's watermark at
+/// its last sequence number).
+pub async fn ingested(pool: &sqlx::PgPool, days: &[&Day]) {
+    let expected: std::collections::BTreeMap<String, i64> = days
+        .iter()
+        .map(|d| {
+            let last = d.envelopes.last().map_or(0, |e| e.seq);
+            (d.device.to_string(), i64::try_from(last).unwrap())
+        })
+        .collect();
+    super::eventually(
+        "the days ingested",
+        std::time::Duration::from_secs(60),
+        || {
+            let (pool, expected) = (pool.clone(), expected.clone());
+            async move {
+                let marks: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT device_id, persisted_seq FROM device_watermarks")
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap();
+                expected
+                    .iter()
+                    .all(|(device, seq)| marks.contains(&(device.clone(), *seq)))
+            }
+        },
+    )
+    .await;
+}
