@@ -1,5 +1,6 @@
 //! One trace follows a device message: the gateway's MQTT ingress span, propagated through NATS
-//! headers, is the parent of the telemetry service's ingest span.
+//! headers, is the parent of the telemetry service's ingest span. Likewise a dashboard request's
+//! span (continuing its caller's `traceparent`) is the parent of the telemetry query it causes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -112,6 +113,71 @@ async fn a_device_message_is_one_trace_from_gateway_to_telemetry() {
         "telemetry continues the gateway's span"
     );
     assert!(ingested.parent_span_is_remote, "the context crossed NATS");
+
+    // A dashboard request continues its caller's trace into the telemetry query.
+    let auth = liftwire_api::auth::AuthConfig {
+        hs256_secret: Some("trace-test-secret-trace-test-secret-01".into()),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop_api = tokio_util::sync::CancellationToken::new();
+    let api = tokio::spawn(liftwire_api::serve_http(
+        listener,
+        liftwire_api::AppState::new(
+            liftwire_api::auth::Authenticator::new(&auth).unwrap(),
+            nats.client().await.unwrap(),
+            0.0,
+            1,
+        ),
+        1024,
+        stop_api.clone(),
+    ));
+    let token = liftwire_api::auth::mint(
+        &auth,
+        "tracer",
+        liftwire_api::auth::Role::Admin,
+        &[],
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = reqwest::Client::new()
+        .get(format!("{base}/api/v1/buildings/b1/live"))
+        .bearer_auth(token)
+        .header(
+            "traceparent",
+            format!("00-{caller_trace}-00f067aa0ba902b7-01"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (request, query) = loop {
+        {
+            let spans = spans.0.lock().unwrap();
+            let request = spans.iter().find(|s| s.name == "http_request").cloned();
+            let query = spans.iter().find(|s| s.name == "endpoint").cloned();
+            if let (Some(request), Some(query)) = (request, query) {
+                break (request, query);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "API spans never exported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(request.span_context.trace_id().to_string(), caller_trace);
+    assert_eq!(query.span_context.trace_id().to_string(), caller_trace);
+    assert_eq!(
+        query.parent_span_id,
+        request.span_context.span_id(),
+        "the telemetry query continues the API request's span"
+    );
+    stop_api.cancel();
+    api.await.unwrap().unwrap();
 
     gw.running.stop().await;
     ingest.stop().await;

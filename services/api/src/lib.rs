@@ -144,9 +144,29 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/api/v1/buildings/{building}/elevators/{elevator}/commands/{command}",
             get(devices::command),
         )
+        .layer(axum::middleware::from_fn(traced))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Runs each routed request in an `http_request` span that continues the caller's W3C trace
+/// context; the span's context travels on to the services in NATS headers.
+async fn traced(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!("http_request", method = %request.method(), route, status = tracing::field::Empty);
+    liftwire_runtime::observability::adopt_http_trace_context(&span, request.headers());
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response
 }
 
 /// Who the caller is, as the API sees it.

@@ -174,6 +174,24 @@ pub fn adopt_trace_context(span: &tracing::Span, headers: &async_nats::HeaderMap
     let _ = span.set_parent(parent);
 }
 
+struct HttpHeaderExtractor<'a>(&'a axum::http::HeaderMap);
+
+impl Extractor for HttpHeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Makes `span` a child of the W3C trace context of an HTTP request's `headers`, if any.
+pub fn adopt_http_trace_context(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    let parent = TraceContextPropagator::new().extract(&HttpHeaderExtractor(headers));
+    let _ = span.set_parent(parent);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
