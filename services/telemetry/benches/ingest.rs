@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Options (after `--`): `--messages N` (default 100000), `--devices N` (default 1000),
-//! `--repeat N` (default 3), `--batch-sizes 500,2000` (ingest batch sizes to compare).
+//! `--repeat N` (default 3), `--batch-sizes 500,2000` (ingest batch sizes to compare),
+//! `--replicas N` (default 2: also run N service replicas at the first batch size; 1 skips it).
 //!
 //! The workload is `messages` telemetry envelopes (`Body::Telemetry`, realistic values, device
 //! time within the last hour, sequence numbers 1..=k per device) from `devices` elevators, ten
@@ -22,14 +23,16 @@
 //!   through [`liftwire_telemetry::store::write_batch`] (watermarks, live state, fold).
 //! * **JetStream publish**: pre-loading the messages into `LW_UPLINK` (with `Nats-Msg-Id`, acks
 //!   collected 1000 at a time).
-//! * **JetStream fetch + ack**: a second pull consumer fetching and acknowledging the pre-loaded
-//!   stream the way the service does, without writing anything: the ceiling of the NATS side.
+//! * **JetStream fetch + ack**: a throwaway pull consumer fetching and acknowledging the
+//!   pre-loaded stream the way the service does, without writing anything: the ceiling of the
+//!   NATS side.
 //! * **service ingest**: the telemetry service (in process, as the integration tests start it)
 //!   consuming the pre-loaded stream, timed from `Telemetry::build` until its consumer
 //!   `telemetry-ingest` has nothing pending or unacknowledged and `device_messages` holds every
-//!   message; once per ingest batch size. Process RSS (VmRSS sampled while ingesting, and
-//!   VmHWM) shows whether memory stays bounded, and CPU time per process (this process, the
-//!   PostgreSQL backends, nats-server) shows where the time goes.
+//!   message; once per ingest batch size, and once with several replicas in this process
+//!   sharing the consumer (as replicas do) at the first batch size. Process RSS (VmRSS sampled
+//!   while ingesting, and VmHWM) shows whether memory stays bounded, and CPU seconds per process
+//!   (this process, the PostgreSQL backends, nats-server) show where the time goes.
 //!
 //! It prints a markdown table with the median and the min–max spread over the repetitions.
 //! Nothing here sleeps for correctness: completion is detected by polling every 10 ms.
@@ -61,7 +64,7 @@ use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: cargo bench -p liftwire-telemetry --bench ingest -- \
-    [--messages N] [--devices N] [--repeat N] [--batch-sizes 500,2000]";
+    [--messages N] [--devices N] [--repeat N] [--batch-sizes 500,2000] [--replicas 2]";
 
 /// Longest a single ingest may take before the benchmark gives up.
 const INGEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -77,6 +80,7 @@ struct Args {
     devices: usize,
     repeat: usize,
     batch_sizes: Vec<usize>,
+    replicas: usize,
 }
 
 fn parse_args() -> Args {
@@ -85,6 +89,7 @@ fn parse_args() -> Args {
         devices: 1000,
         repeat: 3,
         batch_sizes: vec![500, 2000],
+        replicas: 2,
     };
     let number = |flag: &str, value: Option<String>| -> usize {
         let value = value.unwrap_or_else(|| panic!("{flag} needs a value\n{USAGE}"));
@@ -101,6 +106,7 @@ fn parse_args() -> Args {
             "--messages" => args.messages = number("--messages", it.next()),
             "--devices" => args.devices = number("--devices", it.next()),
             "--repeat" => args.repeat = number("--repeat", it.next()),
+            "--replicas" => args.replicas = number("--replicas", it.next()),
             "--batch-sizes" => {
                 let list = it.next().unwrap_or_default();
                 args.batch_sizes = list
@@ -449,28 +455,6 @@ async fn measure_write_batch(messages: &[Msg], batch_size: usize) -> (Duration, 
     let (_pg, pool) = fresh_database().await;
     let partitions = Partitions::new(PartitionConfig::default());
     let rules = FoldRules::default();
-    // TEMP-PROFILE
-    if let Ok(ff) = std::env::var("BENCH_FILLFACTOR") {
-        for t in ["device_watermarks", "elevator_state"] {
-            sqlx::query(&format!("ALTER TABLE {t} SET (fillfactor = {ff})"))
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-    }
-    if std::env::var("BENCH_AUTOVAC").is_ok() {
-        for t in ["device_watermarks", "elevator_state"] {
-            sqlx::query(&format!("ALTER TABLE {t} SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000)")).execute(&pool).await.unwrap();
-        }
-        sqlx::query("ALTER SYSTEM SET autovacuum_naptime = 1")
-            .execute(&pool)
-            .await
-            .unwrap();
-        sqlx::query("SELECT pg_reload_conf()")
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     for chunk in messages.chunks(batch_size) {
@@ -486,15 +470,6 @@ async fn measure_write_batch(messages: &[Msg], batch_size: usize) -> (Duration, 
     }
     let elapsed = started.elapsed();
     let cpu = cpu_delta(&cpu_before, &cpu_seconds());
-    // TEMP-PROFILE
-    let stats: Vec<(String, i64, i64, i64, i64, i64, i64)> = sqlx::query_as("SELECT relname::text, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_dead_tup, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables ORDER BY relname").fetch_all(&pool).await.unwrap();
-    for s in stats {
-        eprintln!("{s:?}");
-    }
-    let sizes: Vec<(String, i64)> = sqlx::query_as("SELECT relname::text, pg_total_relation_size(oid) FROM pg_class WHERE relname LIKE 'device_w%' OR relname LIKE 'elevator_state%' ORDER BY 1").fetch_all(&pool).await.unwrap();
-    for s in sizes {
-        eprintln!("{s:?}");
-    }
     assert_eq!(count_rows(&pool).await, messages.len() as i64);
     pool.close().await;
     (elapsed, cpu)
@@ -566,8 +541,12 @@ async fn measure_fetch_ack(
 }
 
 struct ServiceRun {
+    /// Batches the service wrote, and the seconds they took from receipt to commit (summed over
+    /// replicas), from its `telemetry_ingest_batch_seconds` histogram.
+    batches: u64,
+    in_batches: f64,
     publish: Duration,
-    fetch_ack: Duration,
+    fetch_ack: Option<Duration>,
     ingest: Duration,
     rss_before: f64,
     rss_peak: f64,
@@ -575,7 +554,14 @@ struct ServiceRun {
     cpu: String,
 }
 
-async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
+/// Pre-loads the stream, optionally measures fetch + ack alone, then runs `replicas` instances
+/// of the service (sharing the durable consumer, as replicas do) until everything is ingested.
+async fn measure_service(
+    messages: &[Msg],
+    batch_size: usize,
+    replicas: usize,
+    fetch_ack: bool,
+) -> ServiceRun {
     let nats = Nats::start().expect("nats-server starts");
     let nats_config = NatsConfig {
         url: nats.url(),
@@ -589,7 +575,11 @@ async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
     let publish = preload(&js, messages).await;
     let stored = stream.get_info().await.expect("stream info").state.messages;
     assert_eq!(stored, messages.len() as u64, "stream holds the workload");
-    let fetch_ack = measure_fetch_ack(&client, &stream, messages.len(), batch_size).await;
+    let fetch_ack = if fetch_ack {
+        Some(measure_fetch_ack(&client, &stream, messages.len(), batch_size).await)
+    } else {
+        None
+    };
 
     let (pg, pool) = fresh_database().await;
     let config = liftwire_telemetry::Config {
@@ -605,36 +595,21 @@ async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
         ..Default::default()
     };
     let consumer_name = config.ingest.consumer.clone();
-    // TEMP-PROFILE
-    let profile = std::env::var("BENCH_PROFILE").unwrap_or_default();
-    if profile == "log" {
-        sqlx::query("ALTER DATABASE liftwire SET log_min_duration_statement = 0")
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
-    let perf = (profile == "perf").then(|| {
-        std::process::Command::new("perf")
-            .args(["record", "-a", "-g", "-o", "/tmp/perf.svc"])
-            .spawn()
-            .unwrap()
-    });
     let rss_before = rss_mib();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let stop = CancellationToken::new();
-    let replicas: usize = std::env::var("BENCH_REPLICAS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let mut tasks = Vec::new();
+    let mut tasks = Vec::with_capacity(replicas);
+    let mut contexts = Vec::with_capacity(replicas);
     for _ in 0..replicas {
-        let service = Telemetry::build(config.clone(), &BuildContext::new())
+        let ctx = BuildContext::new();
+        let service = Telemetry::build(config.clone(), &ctx)
             .await
             .expect("telemetry builds");
-        tasks.push(tokio::spawn({
-            let stop = stop.clone();
-            async move { service.run(stop).await.expect("telemetry runs") }
+        contexts.push(ctx);
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            service.run(stop).await.expect("telemetry runs")
         }));
     }
 
@@ -659,32 +634,21 @@ async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let cpu = cpu_delta(&cpu_before, &cpu_seconds());
-    if let Some(p) = perf {
-        std::process::Command::new("kill")
-            .args(["-INT", &p.id().to_string()])
-            .status()
-            .unwrap();
-        let mut p = p;
-        p.wait().unwrap();
-    }
-    if profile == "log" {
-        std::process::Command::new("sh")
-            .args([
-                "-c",
-                "cp $(ls -td /tmp/liftwire-pg-*/ | head -1)postgres.log /tmp/pg-service.log",
-            ])
-            .status()
-            .unwrap();
-    }
     let rss_after = rss_mib();
     stop.cancel();
     for task in tasks {
         task.await.expect("telemetry stops");
     }
+    let (batches, in_batches) = contexts
+        .iter()
+        .map(batch_seconds)
+        .fold((0, 0.0), |(n, t), (dn, dt)| (n + dn, t + dt));
     pool.close().await;
     drop(pg);
     drop(nats);
     ServiceRun {
+        batches,
+        in_batches,
         publish,
         fetch_ack,
         ingest,
@@ -693,6 +657,25 @@ async fn measure_service(messages: &[Msg], batch_size: usize) -> ServiceRun {
         rss_after,
         cpu,
     }
+}
+
+/// Count and sum of the service's `telemetry_ingest_batch_seconds` histogram: the time from
+/// receiving a batch to its commit (validate + write_batch), without fetching, acknowledging
+/// and publishing watermarks and states.
+fn batch_seconds(ctx: &BuildContext) -> (u64, f64) {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &ctx.registry()).expect("metrics encode");
+    let value = |suffix: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "liftwire_telemetry_ingest_batch_seconds_{suffix} "
+                ))
+            })
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (value("count") as u64, value("sum"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -713,6 +696,13 @@ fn spread(values: &[f64]) -> (f64, f64) {
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (min, max)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn cpu_model() -> String {
@@ -749,14 +739,11 @@ async fn main() {
     let mut rates: BTreeMap<(u8, usize, String), Vec<f64>> = BTreeMap::new();
     let mut notes: BTreeMap<(u8, usize, String), Vec<String>> = BTreeMap::new();
     let mut pg_version = String::new();
+    let mut hwm_before_service = None;
+    let load_before = loadavg();
     let rate = |d: Duration| args.messages as f64 / d.as_secs_f64();
 
     for r in 1..=args.repeat {
-        if std::env::var("BENCH_PROFILE").is_ok() {
-            let run = measure_service(&messages, args.batch_sizes[0]).await;
-            eprintln!("service {:?} cpu {}", run.ingest, run.cpu);
-            continue;
-        }
         eprintln!("repetition {r}/{}: raw COPY", args.repeat);
         let d = measure_copy(&messages).await;
         rates
@@ -788,12 +775,22 @@ async fn main() {
                 .push(format!("#{r}: {:.1} s; CPU s: {cpu}", d.as_secs_f64()));
         }
 
-        for (b, &batch) in args.batch_sizes.iter().enumerate() {
+        // Every batch size with one replica, then the first batch size with more replicas.
+        let mut runs: Vec<(usize, usize, usize)> = (0..args.batch_sizes.len())
+            .map(|b| (b, args.batch_sizes[b], 1))
+            .collect();
+        if args.replicas > 1 {
+            runs.push((args.batch_sizes.len(), args.batch_sizes[0], args.replicas));
+        }
+        for (b, batch, replicas) in runs {
             eprintln!(
-                "repetition {r}/{}: service ingest, batch {batch}",
+                "repetition {r}/{}: service ingest, batch {batch}, {replicas} replica(s)",
                 args.repeat
             );
-            let run = measure_service(&messages, batch).await;
+            if hwm_before_service.is_none() {
+                hwm_before_service = Some(hwm_mib());
+            }
+            let run = measure_service(&messages, batch, replicas, replicas == 1).await;
             rates
                 .entry((
                     3,
@@ -802,19 +799,29 @@ async fn main() {
                 ))
                 .or_default()
                 .push(rate(run.publish));
-            rates
-                .entry((
-                    4,
-                    b,
-                    format!("JetStream fetch + ack only, no DB (batch {batch})"),
-                ))
-                .or_default()
-                .push(rate(run.fetch_ack));
-            let key = (5, b, format!("**service ingest (batch {batch})**"));
+            if let Some(fetch_ack) = run.fetch_ack {
+                rates
+                    .entry((
+                        4,
+                        b,
+                        format!("JetStream fetch + ack only, no DB (batch {batch})"),
+                    ))
+                    .or_default()
+                    .push(rate(fetch_ack));
+            }
+            let label = if replicas == 1 {
+                format!("**service ingest (batch {batch})**")
+            } else {
+                format!("**service ingest, {replicas} replicas in process (batch {batch})**")
+            };
+            let key = (5, b, label);
             rates.entry(key.clone()).or_default().push(rate(run.ingest));
             notes.entry(key).or_default().push(format!(
-                "#{r}: {:.1} s; RSS {:.0}→{:.0}→{:.0} MiB; CPU s: {}",
+                "#{r}: {:.1} s, of which {:.1} s in {} batches from receipt to commit; \
+                 RSS {:.0}→{:.0}→{:.0} MiB; CPU s: {}",
                 run.ingest.as_secs_f64(),
+                run.in_batches,
+                run.batches,
                 run.rss_before,
                 run.rss_peak,
                 run.rss_after,
@@ -859,8 +866,14 @@ async fn main() {
         subject_bytes as f64 / args.messages as f64,
     );
     println!(
-        "- {} repetitions, each on freshly started servers and a freshly migrated database",
+        "- {} repetitions, each measurement on freshly started servers and a freshly migrated \
+         database",
         args.repeat
+    );
+    println!(
+        "- load average before: {load_before}; after: {} (other work on the machine skews \
+         the numbers)",
+        loadavg()
     );
     println!();
     println!("| measurement | median msg/s | min–max msg/s | vs raw COPY |");
@@ -882,8 +895,18 @@ async fn main() {
     }
     println!();
     println!(
-        "Process peak RSS (VmHWM) at the end: {:.0} MiB. Total run time {:.0} s.",
+        "RSS a→b→c: this process before starting the service, highest sampled while it ingested, \
+         when it was done. \"from receipt to commit\": the service's own \
+         telemetry_ingest_batch_seconds (validate + write_batch; the rest is fetching, acking \
+         and publishing watermarks and states), summed over replicas. Peak RSS (VmHWM) before the first service run {:.0} MiB (the \
+         benchmark's own workload and rows), at the end {:.0} MiB. CPU s: CPU seconds during the \
+         measurement by process (bench = this process, including the in-process service).",
+        hwm_before_service.unwrap_or(0.0),
         hwm_mib(),
+    );
+    println!();
+    println!(
+        "Total run time {:.0} s.",
         run_started.elapsed().as_secs_f64()
     );
 }
