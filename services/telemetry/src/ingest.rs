@@ -36,6 +36,9 @@ pub struct IngestConfig {
     pub consumer: String,
     /// Largest batch written in one transaction.
     pub batch_size: usize,
+    /// Batches in flight at once per replica (each fetches and writes on its own; batches of the
+    /// same device serialize on its watermark lock).
+    pub workers: usize,
     /// Longest a message waits for its batch to fill before the batch is written anyway.
     #[serde(with = "humantime_serde")]
     pub batch_wait: Duration,
@@ -55,7 +58,8 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             consumer: "telemetry-ingest".into(),
-            batch_size: 500,
+            batch_size: 1000,
+            workers: 2,
             batch_wait: Duration::from_millis(100),
             ack_wait: Duration::from_secs(30),
             max_backoff: Duration::from_secs(5),
@@ -413,7 +417,8 @@ impl Ingest {
                     description: Some("telemetry service ingest (shared by every replica)".into()),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: config.ack_wait,
-                    max_ack_pending: i64::try_from(config.batch_size * 20).unwrap_or(i64::MAX),
+                    max_ack_pending: i64::try_from(config.batch_size * config.workers.max(1) * 10)
+                        .unwrap_or(i64::MAX),
                     ..Default::default()
                 },
             )
@@ -433,9 +438,20 @@ impl Ingest {
         })
     }
 
-    /// Ingests until `shutdown`; the batch in progress is finished (committed and acknowledged)
-    /// before returning.
+    /// Ingests with `workers` batches in flight until `shutdown`; batches in progress are
+    /// finished (committed and acknowledged) before returning.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
+        let workers = self.config.workers.max(1);
+        let this = Arc::new(self);
+        let results =
+            futures::future::join_all((0..workers).map(|_| this.clone().work(shutdown.clone())))
+                .await;
+        tracing::info!("ingest stopped");
+        results.into_iter().collect()
+    }
+
+    /// One worker: fetch a batch, write it, acknowledge it, repeat.
+    async fn work(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), BoxError> {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             let batch = tokio::select! {
@@ -475,7 +491,6 @@ impl Ingest {
                 }
             }
         }
-        tracing::info!("ingest stopped");
         Ok(())
     }
 

@@ -110,20 +110,38 @@ pub async fn write_batch(
         .unzip();
 
     let mut tx = pool.begin().await?;
-    // Creates missing watermark rows and locks them all, in device order.
-    let marks: Vec<(String, i64, i64)> = sqlx::query_as(
+    // Creates missing watermark rows (no new row version for existing ones), then locks them all
+    // in device order.
+    sqlx::query(
         "INSERT INTO device_watermarks (device_id, building_id, persisted_seq, max_seq)
          SELECT d, b, 0, 0 FROM UNNEST($1::text[], $2::text[]) AS t(d, b)
-         ON CONFLICT (device_id) DO UPDATE SET device_id = EXCLUDED.device_id
-         RETURNING device_id, persisted_seq, max_seq",
+         ON CONFLICT (device_id) DO NOTHING",
     )
     .bind(&device_ids)
     .bind(&building_ids)
+    .execute(&mut *tx)
+    .await?;
+    let locked: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT device_id, persisted_seq, max_seq FROM device_watermarks
+         WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
+    )
+    .bind(&device_ids)
     .fetch_all(&mut *tx)
     .await?;
-    let marks: HashMap<String, (i64, i64)> = marks
+    let marks: HashMap<String, (i64, i64)> = locked
         .into_iter()
         .map(|(d, persisted, max)| (d, (persisted, max)))
+        .collect();
+    // Read in a statement of its own, after the locks: it sees what the previous holder of a
+    // lock committed (a join in the locking statement would see the older snapshot).
+    let states: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT device_id, state FROM elevator_state WHERE device_id = ANY($1)")
+            .bind(&device_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut states: HashMap<String, v1::ElevatorState> = states
+        .into_iter()
+        .filter_map(|(d, bytes)| Some((d, v1::ElevatorState::decode(bytes.as_slice()).ok()?)))
         .collect();
 
     // Devices with messages stored above their watermark: read those back.
@@ -163,17 +181,6 @@ pub async fn write_batch(
                 .is_some_and(|stored| stored.contains_key(&r.seq))
     });
     let inserted = insert_rows(&mut tx, &rows).await?;
-
-    // States of the devices whose watermark can advance.
-    let states: Vec<(String, Vec<u8>)> =
-        sqlx::query_as("SELECT device_id, state FROM elevator_state WHERE device_id = ANY($1)")
-            .bind(&device_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-    let mut states: HashMap<String, v1::ElevatorState> = states
-        .into_iter()
-        .filter_map(|(d, bytes)| Some((d, v1::ElevatorState::decode(bytes.as_slice()).ok()?)))
-        .collect();
 
     let mut new_rows: HashMap<&str, BTreeMap<i64, &Row>> = HashMap::new();
     for row in &rows {
