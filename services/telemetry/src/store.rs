@@ -121,28 +121,23 @@ pub async fn write_batch(
     .bind(&building_ids)
     .execute(&mut *tx)
     .await?;
-    let locked: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT device_id, persisted_seq, max_seq FROM device_watermarks
+    // Locking returns each device's latest row, live state included.
+    type MarkRow = (String, i64, i64, Option<Vec<u8>>);
+    let locked: Vec<MarkRow> = sqlx::query_as(
+        "SELECT device_id, persisted_seq, max_seq, state FROM device_watermarks
          WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
     )
     .bind(&device_ids)
     .fetch_all(&mut *tx)
     .await?;
-    let marks: HashMap<String, (i64, i64)> = locked
-        .into_iter()
-        .map(|(d, persisted, max)| (d, (persisted, max)))
-        .collect();
-    // Read in a statement of its own, after the locks: it sees what the previous holder of a
-    // lock committed (a join in the locking statement would see the older snapshot).
-    let states: Vec<(String, Vec<u8>)> =
-        sqlx::query_as("SELECT device_id, state FROM elevator_state WHERE device_id = ANY($1)")
-            .bind(&device_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-    let mut states: HashMap<String, v1::ElevatorState> = states
-        .into_iter()
-        .filter_map(|(d, bytes)| Some((d, v1::ElevatorState::decode(bytes.as_slice()).ok()?)))
-        .collect();
+    let mut marks: HashMap<String, (i64, i64)> = HashMap::with_capacity(locked.len());
+    let mut states: HashMap<String, v1::ElevatorState> = HashMap::new();
+    for (device, persisted, max, state) in locked {
+        if let Some(state) = state.and_then(|b| v1::ElevatorState::decode(b.as_slice()).ok()) {
+            states.insert(device.clone(), state);
+        }
+        marks.insert(device, (persisted, max));
+    }
 
     // Devices with messages stored above their watermark: read those back.
     let gapped: Vec<(&str, i64)> = marks
@@ -270,22 +265,7 @@ pub async fn write_batch(
     }
 
     if !mark_updates.is_empty() {
-        let ids: Vec<&str> = mark_updates.iter().map(|m| m.0).collect();
-        let persisted: Vec<i64> = mark_updates.iter().map(|m| m.1).collect();
-        let max: Vec<i64> = mark_updates.iter().map(|m| m.2).collect();
-        sqlx::query(
-            "UPDATE device_watermarks w SET persisted_seq = t.p, max_seq = t.m
-             FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS t(d, p, m)
-             WHERE w.device_id = t.d",
-        )
-        .bind(&ids)
-        .bind(&persisted)
-        .bind(&max)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !state_updates.is_empty() {
-        upsert_states(&mut tx, &state_updates).await?;
+        update_devices(&mut tx, &mark_updates, &state_updates).await?;
     }
     for (device, building, seq, effect) in effects {
         if let Some(change) = apply_effect(&mut tx, device, building, seq, effect).await? {
@@ -332,51 +312,63 @@ async fn insert_rows(tx: &mut sqlx::PgConnection, rows: &[Row]) -> Result<u64, s
 
 type StateUpdate<'a> = (&'a str, &'a str, v1::ElevatorState, Option<DateTime<Utc>>);
 
-async fn upsert_states(
+/// One statement for every device of the batch: watermark, highest sequence number and, for
+/// elevators whose messages were folded, the live state and the columns the alert rules scan.
+async fn update_devices(
     tx: &mut sqlx::PgConnection,
-    updates: &[StateUpdate<'_>],
+    marks: &[(&str, i64, i64)],
+    states: &[StateUpdate<'_>],
 ) -> Result<(), sqlx::Error> {
     let ts = |t: &Option<liftwire_proto::Timestamp>| t.as_ref().and_then(state::datetime);
+    let by_device: HashMap<&str, &StateUpdate<'_>> = states.iter().map(|u| (u.0, u)).collect();
+    let state_of = |device: &str| by_device.get(device).map(|u| &u.2);
     sqlx::query(
-        "INSERT INTO elevator_state (device_id, building_id, applied_seq, state, tracked_since,
-             out_of_service_since, last_passed_self_test_at)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::bytea[], $5::timestamptz[],
-             $6::timestamptz[], $7::timestamptz[])
-         ON CONFLICT (device_id) DO UPDATE SET applied_seq = EXCLUDED.applied_seq,
-             state = EXCLUDED.state,
-             out_of_service_since = EXCLUDED.out_of_service_since,
-             last_passed_self_test_at = EXCLUDED.last_passed_self_test_at",
+        "UPDATE device_watermarks w SET persisted_seq = t.p, max_seq = t.m,
+             applied_seq = coalesce(t.a, w.applied_seq),
+             state = coalesce(t.s, w.state),
+             tracked_since = coalesce(w.tracked_since, t.since),
+             out_of_service_since = CASE WHEN t.s IS NULL THEN w.out_of_service_since ELSE t.oos END,
+             last_passed_self_test_at =
+                 CASE WHEN t.s IS NULL THEN w.last_passed_self_test_at ELSE t.passed END
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[],
+                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[])
+             AS t(d, p, m, a, s, since, oos, passed)
+         WHERE w.device_id = t.d",
     )
-    .bind(updates.iter().map(|u| u.0).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.1).collect::<Vec<_>>())
+    .bind(marks.iter().map(|m| m.0).collect::<Vec<_>>())
+    .bind(marks.iter().map(|m| m.1).collect::<Vec<_>>())
+    .bind(marks.iter().map(|m| m.2).collect::<Vec<_>>())
     .bind(
-        updates
+        marks
             .iter()
-            .map(|u| i64::try_from(u.2.applied_seq).unwrap_or(i64::MAX))
+            .map(|m| state_of(m.0).map(|s| i64::try_from(s.applied_seq).unwrap_or(i64::MAX)))
             .collect::<Vec<_>>(),
     )
     .bind(
-        updates
+        marks
             .iter()
-            .map(|u| u.2.encode_to_vec())
-            .collect::<Vec<_>>(),
-    )
-    .bind(updates.iter().map(|u| u.3).collect::<Vec<_>>())
-    .bind(
-        updates
-            .iter()
-            .map(|u| ts(&u.2.out_of_service_since))
+            .map(|m| state_of(m.0).map(|s| s.encode_to_vec()))
             .collect::<Vec<_>>(),
     )
     .bind(
-        updates
+        marks
             .iter()
-            .map(|u| {
-                if u.2.last_self_test_passed {
-                    ts(&u.2.last_self_test_at)
-                } else {
-                    None
-                }
+            .map(|m| by_device.get(m.0).and_then(|u| u.3))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        marks
+            .iter()
+            .map(|m| state_of(m.0).and_then(|s| ts(&s.out_of_service_since)))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        marks
+            .iter()
+            .map(|m| {
+                state_of(m.0)
+                    .filter(|s| s.last_self_test_passed)
+                    .and_then(|s| ts(&s.last_self_test_at))
             })
             .collect::<Vec<_>>(),
     )
