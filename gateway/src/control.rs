@@ -13,7 +13,7 @@ use liftwire_proto::naming::{
     Audience, BuildingId, DeviceId, Downlink, DownlinkKind, Uplink, UplinkKind, UPLINK_STREAM,
 };
 use liftwire_proto::{v1, Message};
-use liftwire_runtime::endpoints::{self, EndpointError};
+use liftwire_runtime::endpoints::{self, paginate, EndpointError};
 use liftwire_runtime::service::BoxError;
 use tokio_util::sync::CancellationToken;
 
@@ -24,9 +24,6 @@ use crate::registry::{Registry, RegistryError};
 pub const ENDPOINTS: [&str; 5] = ["devices", "provision", "rotate", "command", "commands"];
 /// Durable consumer of command results.
 pub const RESULTS_CONSUMER: &str = "gateway-command-results";
-/// Items per page when the request does not say, and at most.
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 1_000;
 /// How long a device may take to act on a command unless the request says.
 const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(15 * 60);
 
@@ -52,13 +49,7 @@ fn ts(t: Option<DateTime<Utc>>) -> Option<liftwire_proto::Timestamp> {
 }
 
 fn limit(page: &Option<v1::Page>) -> Result<i64, EndpointError> {
-    match page.as_ref().map_or(0, |p| p.limit) {
-        0 => Ok(i64::from(DEFAULT_PAGE)),
-        n if n <= MAX_PAGE => Ok(i64::from(n)),
-        _ => Err(EndpointError::bad_request(format!(
-            "page limit is at most {MAX_PAGE}"
-        ))),
-    }
+    endpoints::page_limit(page.as_ref().map(|p| p.limit)).map_err(EndpointError::bad_request)
 }
 
 type DeviceRow = (String, String, String, DateTime<Utc>, Option<DateTime<Utc>>);
@@ -107,16 +98,8 @@ async fn devices(c: &Control, r: v1::DevicesRequest) -> Result<v1::DevicesReply,
     .fetch_all(c.registry.pool())
     .await
     .map_err(|e| EndpointError::unavailable(&e))?;
-    let more = rows.len() as i64 > limit;
-    let devices: Vec<v1::DeviceInfo> = rows
-        .into_iter()
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
-        .map(device_info)
-        .collect();
-    let next_cursor = match (more, devices.last()) {
-        (true, Some(last)) => last.device_id.clone(),
-        _ => String::new(),
-    };
+    let devices = rows.into_iter().map(device_info).collect();
+    let (devices, next_cursor) = paginate(devices, limit, |d| d.device_id.clone());
     Ok(v1::DevicesReply {
         devices,
         next_cursor,
@@ -294,16 +277,8 @@ async fn commands(c: &Control, r: v1::CommandsRequest) -> Result<v1::CommandsRep
             r.command_id
         )));
     }
-    let more = rows.len() as i64 > limit;
-    let commands: Vec<v1::CommandRecord> = rows
-        .into_iter()
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
-        .map(command_record)
-        .collect();
-    let next_cursor = match (more, commands.last()) {
-        (true, Some(last)) => last.command_id.clone(),
-        _ => String::new(),
-    };
+    let commands = rows.into_iter().map(command_record).collect();
+    let (commands, next_cursor) = paginate(commands, limit, |c| c.command_id.clone());
     Ok(v1::CommandsReply {
         commands,
         next_cursor,

@@ -157,24 +157,18 @@ pub async fn elevators(
     Query(page): Query<PageQuery>,
 ) -> Result<Json<ElevatorPage>, ApiError> {
     let building = readable(&principal, building)?;
-    let limit = match page.limit {
-        None | Some(0) => 100,
-        Some(n) if n <= 1_000 => n as usize,
-        Some(_) => return Err(ApiError::BadRequest("limit is at most 1000".into())),
-    };
+    let limit =
+        liftwire_runtime::endpoints::page_limit(page.limit).map_err(ApiError::BadRequest)?;
     let after = page.cursor.unwrap_or_default();
-    let mut items: Vec<Elevator> = live_state(&state, &building)
+    let items: Vec<Elevator> = live_state(&state, &building)
         .await?
         .into_iter()
         .filter(|e| e.device_id > after)
-        .take(limit + 1)
+        .take(usize::try_from(limit + 1).unwrap_or(usize::MAX))
         .collect();
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|e| e.device_id.clone())
-    } else {
-        None
-    };
+    let (items, next_cursor) =
+        liftwire_runtime::endpoints::paginate(items, limit, |e| e.device_id.clone());
+    let next_cursor = crate::dto::next(next_cursor);
     Ok(Json(ElevatorPage { items, next_cursor }))
 }
 

@@ -17,6 +17,37 @@ use crate::service::BoxError;
 
 /// Requests answered at once per replica.
 const CONCURRENCY: usize = 32;
+/// Items per page when a request does not say.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Most items per page.
+pub const MAX_PAGE: u32 = 1_000;
+
+/// The page size a request asks for (`limit` 0 or no page: [`DEFAULT_PAGE`]); above
+/// [`MAX_PAGE`] the message says why it is refused.
+pub fn page_limit(limit: Option<u32>) -> Result<i64, String> {
+    match limit.unwrap_or(0) {
+        0 => Ok(i64::from(DEFAULT_PAGE)),
+        n if n <= MAX_PAGE => Ok(i64::from(n)),
+        _ => Err(format!("page limit is at most {MAX_PAGE}")),
+    }
+}
+
+/// Keyset pagination: `items` were fetched with one more than `limit`, so an extra item means
+/// another page follows. Returns the page and the next page's cursor (`cursor` of its last
+/// item), empty on the last page.
+pub fn paginate<T>(
+    mut items: Vec<T>,
+    limit: i64,
+    cursor: impl Fn(&T) -> String,
+) -> (Vec<T>, String) {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if items.len() <= limit {
+        return (items, String::new());
+    }
+    items.truncate(limit);
+    let next = items.last().map(cursor).unwrap_or_default();
+    (items, next)
+}
 
 /// Why a request failed, as the caller sees it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,4 +172,24 @@ where
     }
     while answering.join_next().await.is_some() {}
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_and_their_cursors() {
+        assert_eq!(page_limit(None), Ok(100));
+        assert_eq!(page_limit(Some(0)), Ok(100));
+        assert_eq!(page_limit(Some(1_000)), Ok(1_000));
+        assert!(page_limit(Some(1_001)).is_err());
+        let cursor = |n: &u32| n.to_string();
+        assert_eq!(paginate(vec![1, 2, 3], 2, cursor), (vec![1, 2], "2".into()));
+        assert_eq!(paginate(vec![1, 2], 2, cursor), (vec![1, 2], String::new()));
+        assert_eq!(
+            paginate(Vec::<u32>::new(), 2, cursor),
+            (vec![], String::new())
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use liftwire_proto::naming::{service_subject, BuildingId, DeviceId};
 use liftwire_proto::{v1, Message};
-use liftwire_runtime::endpoints::{self, EndpointError};
+use liftwire_runtime::endpoints::{self, paginate, EndpointError};
 use liftwire_runtime::service::BoxError;
 use tokio_util::sync::CancellationToken;
 
@@ -18,12 +18,6 @@ use crate::state::{datetime, timestamp, IncidentKind};
 
 /// Service name in the NATS service API.
 pub const SERVICE: &str = "telemetry";
-/// Queue group shared by the replicas.
-pub const QUEUE_GROUP: &str = "telemetry";
-/// Items per page when the request does not say.
-pub const DEFAULT_PAGE: u32 = 100;
-/// Most items per page.
-pub const MAX_PAGE: u32 = 1_000;
 /// Most history buckets (or raw samples) per request.
 pub const MAX_BUCKETS: u32 = 10_000;
 /// Longest range a request may cover.
@@ -85,11 +79,6 @@ impl Endpoint {
     pub fn subject(self) -> String {
         service_subject(SERVICE, self.name()).unwrap_or_default()
     }
-}
-
-/// Subject of the live-state endpoint.
-pub fn live_state_subject() -> String {
-    Endpoint::LiveState.subject()
 }
 
 /// Why a request failed; maps onto the NATS service error code.
@@ -177,11 +166,7 @@ fn range(range: &Option<v1::TimeRange>) -> Result<(DateTime<Utc>, DateTime<Utc>)
 }
 
 fn page_limit(page: &Option<v1::Page>) -> Result<i64, QueryError> {
-    let limit = page.as_ref().map_or(0, |p| p.limit);
-    if limit > MAX_PAGE {
-        return Err(bad(format!("page limit is at most {MAX_PAGE}")));
-    }
-    Ok(i64::from(if limit == 0 { DEFAULT_PAGE } else { limit }))
+    endpoints::page_limit(page.as_ref().map(|p| p.limit)).map_err(bad)
 }
 
 fn cursor(page: &Option<v1::Page>) -> &str {
@@ -350,15 +335,9 @@ async fn events(q: &Queries, r: v1::EventsRequest) -> Result<v1::EventsReply, Qu
     .bind(limit + 1)
     .fetch_all(&q.pool)
     .await?;
-    let more = rows.len() as i64 > limit;
-    let rows: Vec<_> = rows
-        .into_iter()
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
-        .collect();
-    let next_cursor = match (more, rows.last()) {
-        (true, Some((device, seq, at, _))) => format!("{}.{device}.{seq}", at.timestamp_micros()),
-        _ => String::new(),
-    };
+    let (rows, next_cursor) = paginate(rows, limit, |(device, seq, at, _)| {
+        format!("{}.{device}.{seq}", at.timestamp_micros())
+    });
     let events = rows
         .into_iter()
         .map(|(device_id, seq, at, payload)| v1::EventRecord {
@@ -432,10 +411,8 @@ async fn incidents(q: &Queries, r: v1::IncidentsRequest) -> Result<v1::Incidents
     .bind(limit + 1)
     .fetch_all(&q.pool)
     .await?;
-    let more = rows.len() as i64 > limit;
     let incidents: Vec<v1::Incident> = rows
         .into_iter()
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
         .map(
             |(
                 id,
@@ -468,10 +445,7 @@ async fn incidents(q: &Queries, r: v1::IncidentsRequest) -> Result<v1::Incidents
             },
         )
         .collect();
-    let next_cursor = match (more, incidents.last()) {
-        (true, Some(last)) => last.id.to_string(),
-        _ => String::new(),
-    };
+    let (incidents, next_cursor) = paginate(incidents, limit, |i| i.id.to_string());
     Ok(v1::IncidentsReply {
         incidents,
         next_cursor,
@@ -533,16 +507,8 @@ async fn alert_list(q: &Queries, r: v1::AlertsRequest) -> Result<v1::AlertsReply
     .bind(limit + 1)
     .fetch_all(&q.pool)
     .await?;
-    let more = rows.len() as i64 > limit;
-    let alerts: Vec<v1::Alert> = rows
-        .iter()
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
-        .map(AlertRow::to_proto)
-        .collect();
-    let next_cursor = match (more, alerts.last()) {
-        (true, Some(last)) => last.id.to_string(),
-        _ => String::new(),
-    };
+    let alerts: Vec<v1::Alert> = rows.iter().map(AlertRow::to_proto).collect();
+    let (alerts, next_cursor) = paginate(alerts, limit, |a| a.id.to_string());
     Ok(v1::AlertsReply {
         alerts,
         next_cursor,
@@ -632,11 +598,9 @@ async fn buildings(q: &Queries, r: v1::BuildingsRequest) -> Result<v1::Buildings
     .bind(limit + 1)
     .fetch_all(&q.pool)
     .await?;
-    let more = rows.len() as i64 > limit;
     let count = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
     let buildings: Vec<v1::BuildingSummary> = rows
         .into_iter()
-        .take(usize::try_from(limit).unwrap_or(usize::MAX))
         .map(
             |(building_id, elevators, in_service, online, alerts)| v1::BuildingSummary {
                 building_id,
@@ -647,10 +611,7 @@ async fn buildings(q: &Queries, r: v1::BuildingsRequest) -> Result<v1::Buildings
             },
         )
         .collect();
-    let next_cursor = match (more, buildings.last()) {
-        (true, Some(last)) => last.building_id.clone(),
-        _ => String::new(),
-    };
+    let (buildings, next_cursor) = paginate(buildings, limit, |b| b.building_id.clone());
     Ok(v1::BuildingsReply {
         buildings,
         next_cursor,

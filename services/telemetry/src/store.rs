@@ -5,8 +5,8 @@
 //! `(device_id, seq)`: messages at or below `persisted_seq` are already stored; above it, only
 //! when `max_seq > persisted_seq` (a gap) can a message be stored already, and only then is the
 //! log consulted. The statements per batch are a constant handful, whatever the number of
-//! devices: lock, insert, update the watermarks, upsert the live states; plus one statement per
-//! incident or alert change, which are rare.
+//! devices: create missing rows, lock (which reads the live states), insert, update each
+//! device's row (watermark and live state); plus one statement per incident or alert change, which are rare.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -190,7 +190,7 @@ pub async fn write_batch(
         ..Default::default()
     };
     let mut mark_updates: Vec<(&str, i64, i64)> = Vec::new();
-    let mut state_updates: Vec<(&str, &str, v1::ElevatorState, Option<DateTime<Utc>>)> = Vec::new();
+    let mut state_updates: Vec<StateUpdate<'_>> = Vec::new();
     let mut effects: Vec<(&str, &str, i64, Effect)> = Vec::new();
     for (device, building) in &devices {
         let (device, building) = (device.as_str(), building.as_str());
@@ -261,7 +261,7 @@ pub async fn write_batch(
                 None => state.applied_seq = seq,
             }
         }
-        state_updates.push((device, building, state, first_at));
+        state_updates.push((device, state, first_at));
     }
 
     if !mark_updates.is_empty() {
@@ -273,7 +273,7 @@ pub async fn write_batch(
         }
     }
     tx.commit().await?;
-    outcome.states = state_updates.into_iter().map(|(_, _, s, _)| s).collect();
+    outcome.states = state_updates.into_iter().map(|(_, s, _)| s).collect();
     Ok(outcome)
 }
 
@@ -310,7 +310,8 @@ async fn insert_rows(tx: &mut sqlx::PgConnection, rows: &[Row]) -> Result<u64, s
     .rows_affected())
 }
 
-type StateUpdate<'a> = (&'a str, &'a str, v1::ElevatorState, Option<DateTime<Utc>>);
+/// A device's new live state, and when it was first seen if this batch is its first.
+type StateUpdate<'a> = (&'a str, v1::ElevatorState, Option<DateTime<Utc>>);
 
 /// One statement for every device of the batch: watermark, highest sequence number and, for
 /// elevators whose messages were folded, the live state and the columns the alert rules scan.
@@ -321,7 +322,7 @@ async fn update_devices(
 ) -> Result<(), sqlx::Error> {
     let ts = |t: &Option<liftwire_proto::Timestamp>| t.as_ref().and_then(state::datetime);
     let by_device: HashMap<&str, &StateUpdate<'_>> = states.iter().map(|u| (u.0, u)).collect();
-    let state_of = |device: &str| by_device.get(device).map(|u| &u.2);
+    let state_of = |device: &str| by_device.get(device).map(|u| &u.1);
     sqlx::query(
         "UPDATE device_watermarks w SET persisted_seq = t.p, max_seq = t.m,
              applied_seq = coalesce(t.a, w.applied_seq),
@@ -353,7 +354,7 @@ async fn update_devices(
     .bind(
         marks
             .iter()
-            .map(|m| by_device.get(m.0).and_then(|u| u.3))
+            .map(|m| by_device.get(m.0).and_then(|u| u.2))
             .collect::<Vec<_>>(),
     )
     .bind(
