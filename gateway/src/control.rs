@@ -45,7 +45,7 @@ fn device(id: &str) -> Result<DeviceId, EndpointError> {
 }
 
 fn ts(t: Option<DateTime<Utc>>) -> Option<liftwire_proto::Timestamp> {
-    t.map(|t| liftwire_proto::timestamp_from_unix_ms(t.timestamp_millis()))
+    t.map(liftwire_proto::timestamp_from_datetime)
 }
 
 fn limit(page: &Option<v1::Page>) -> Result<i64, EndpointError> {

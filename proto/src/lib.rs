@@ -32,6 +32,16 @@ pub fn timestamp_from_unix_ms(ms: i64) -> Timestamp {
     }
 }
 
+/// The protobuf timestamp of a UTC time, to the millisecond.
+pub fn timestamp_from_datetime(at: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    timestamp_from_unix_ms(at.timestamp_millis())
+}
+
+/// The UTC time of a protobuf timestamp (`None` when out of range).
+pub fn datetime(ts: &Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).unwrap_or(0))
+}
+
 /// The schema version carried in every [`v1::Envelope`] of this package.
 pub const SCHEMA_VERSION: u32 = 1;
 

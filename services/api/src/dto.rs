@@ -7,15 +7,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
-/// Converts a protobuf timestamp.
-pub fn time(t: Option<liftwire_proto::Timestamp>) -> Option<DateTime<Utc>> {
-    let t = t?;
-    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-}
+pub use liftwire_proto::timestamp_from_datetime as timestamp;
 
-/// Converts to a protobuf timestamp.
-pub fn timestamp(t: DateTime<Utc>) -> liftwire_proto::Timestamp {
-    liftwire_proto::timestamp_from_unix_ms(t.timestamp_millis())
+/// Converts an optional protobuf timestamp.
+pub fn time(t: Option<liftwire_proto::Timestamp>) -> Option<DateTime<Utc>> {
+    t.as_ref().and_then(liftwire_proto::datetime)
 }
 
 /// `FAULT_CODE_DOOR_LOCK` with prefix `FAULT_CODE_` → `door_lock`.

@@ -70,9 +70,7 @@ pub struct BuildingLive {
 }
 
 fn rfc3339(t: Option<liftwire_proto::Timestamp>) -> Option<String> {
-    let t = t?;
-    chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-        .map(|d| d.to_rfc3339())
+    crate::dto::time(t).map(|d| d.to_rfc3339())
 }
 
 impl From<v1::ElevatorState> for Elevator {

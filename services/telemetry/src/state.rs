@@ -195,15 +195,7 @@ impl Default for FoldRules {
     }
 }
 
-/// Converts to a protobuf timestamp.
-pub fn timestamp(at: DateTime<Utc>) -> liftwire_proto::Timestamp {
-    liftwire_proto::timestamp_from_unix_ms(at.timestamp_millis())
-}
-
-/// Converts from a protobuf timestamp (`None` if out of range).
-pub fn datetime(ts: &liftwire_proto::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).unwrap_or(0))
-}
+pub use liftwire_proto::{datetime, timestamp_from_datetime as timestamp};
 
 /// Why the elevator is out of service, most specific cause first.
 fn downtime_cause(state: &v1::ElevatorState) -> &'static str {
