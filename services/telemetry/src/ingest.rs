@@ -509,21 +509,13 @@ impl Ingest {
         Ok(messages)
     }
 
-    fn clock(&self, message: &jetstream::Message, now: DateTime<Utc>) -> Clock {
-        let received_at = message
-            .info()
-            .ok()
-            .and_then(|info| {
-                DateTime::from_timestamp_nanos(
-                    i64::try_from(info.published.unix_timestamp_nanos()).ok()?,
-                )
-                .into()
-            })
-            .unwrap_or(now);
-        let oldest = self.partitions.oldest_day(now);
+    /// The clock of a batch processed at `now`; each message then sets its own `received_at`.
+    fn clock(&self, now: DateTime<Utc>) -> Clock {
         Clock {
-            received_at,
-            oldest: oldest
+            received_at: now,
+            oldest: self
+                .partitions
+                .oldest_day(now)
                 .and_hms_opt(0, 0, 0)
                 .map_or(DateTime::<Utc>::MIN_UTC, |t| t.and_utc()),
             max_clock_skew: chrono::Duration::from_std(self.config.max_clock_skew)
@@ -534,6 +526,7 @@ impl Ingest {
     async fn process(&self, messages: Vec<jetstream::Message>) -> Result<(), BoxError> {
         let started = Instant::now();
         let now = Utc::now();
+        let batch_clock = self.clock(now);
         let mut rows = Vec::with_capacity(messages.len());
         // Messages acknowledged once the batch commits.
         let mut pending = Vec::with_capacity(messages.len());
@@ -543,7 +536,16 @@ impl Ingest {
             if let Some(headers) = &message.headers {
                 adopt_trace_context(&span, headers);
             }
-            let clock = self.clock(message, now);
+            // When the gateway stored it in JetStream (the batch time if unknown).
+            let received_at = message
+                .info()
+                .ok()
+                .and_then(|info| i64::try_from(info.published.unix_timestamp_nanos()).ok())
+                .map_or(now, DateTime::from_timestamp_nanos);
+            let clock = Clock {
+                received_at,
+                ..batch_clock
+            };
             match span.in_scope(|| validate(&message.subject, &message.payload, &clock)) {
                 Ok(row) => {
                     rows.push(row);
