@@ -4,9 +4,12 @@
 //! order, so replicas cannot deadlock) and the bookkeeping that makes the write idempotent on
 //! `(device_id, seq)`: messages at or below `persisted_seq` are already stored; above it, only
 //! when `max_seq > persisted_seq` (a gap) can a message be stored already, and only then is the
-//! log consulted. The statements per batch are a constant handful, whatever the number of
-//! devices: create missing rows, lock (which reads the live states), insert, update each
-//! device's row (watermark and live state); plus one statement per incident or alert change, which are rare.
+//! log consulted. So the new messages are known exactly and go in with one binary `COPY` (should
+//! it meet a stored row nonetheless, the batch is written again with `INSERT … ON CONFLICT DO
+//! NOTHING`). The statements per batch are a constant handful, whatever the number of devices:
+//! lock (which reads the live states; rows of new devices are created first), copy, update each
+//! device's row (watermark and live state) in one statement; plus one statement per incident or
+//! alert change, which are rare.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -92,6 +95,17 @@ struct Stored {
     payload: Option<Vec<u8>>,
 }
 
+/// How a batch stores its new messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Insert {
+    /// Binary `COPY`: the fast path. The bookkeeping under the device locks already excluded
+    /// every stored message, so nothing can conflict.
+    Copy,
+    /// `INSERT … ON CONFLICT DO NOTHING`: the fallback when a `COPY` met a row the bookkeeping
+    /// did not account for (it never should), so that such a row cannot block the stream.
+    SkipConflicts,
+}
+
 /// Writes `rows` in one transaction. The days of the rows' `at` must have partitions.
 pub async fn write_batch(
     pool: &sqlx::PgPool,
@@ -100,36 +114,72 @@ pub async fn write_batch(
 ) -> Result<Outcome, sqlx::Error> {
     rows.sort_by(|a, b| (&a.device, a.seq).cmp(&(&b.device, b.seq)));
     rows.dedup_by(|a, b| a.device == b.device && a.seq == b.seq);
-    let devices: BTreeMap<String, String> = rows
-        .iter()
-        .map(|r| (r.device.clone(), r.building.clone()))
-        .collect();
-    let (device_ids, building_ids): (Vec<&str>, Vec<&str>) = devices
-        .iter()
-        .map(|(d, b)| (d.as_str(), b.as_str()))
-        .unzip();
+    match write_sorted(pool, &rows, rules, Insert::Copy).await {
+        Err(e) if is_unique_violation(&e) => {
+            tracing::warn!(error = %e, "a stored message was above its device's bookkeeping; writing the batch again, skipping stored messages");
+            write_sorted(pool, &rows, rules, Insert::SkipConflicts).await
+        }
+        written => written,
+    }
+}
 
-    let mut tx = pool.begin().await?;
-    // Creates missing watermark rows (no new row version for existing ones), then locks them all
-    // in device order.
-    sqlx::query(
-        "INSERT INTO device_watermarks (device_id, building_id, persisted_seq, max_seq)
-         SELECT d, b, 0, 0 FROM UNNEST($1::text[], $2::text[]) AS t(d, b)
-         ON CONFLICT (device_id) DO NOTHING",
-    )
-    .bind(&device_ids)
-    .bind(&building_ids)
-    .execute(&mut *tx)
-    .await?;
-    // Locking returns each device's latest row, live state included.
-    type MarkRow = (String, i64, i64, Option<Vec<u8>>);
-    let locked: Vec<MarkRow> = sqlx::query_as(
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+/// A device's bookkeeping row, locked: device, persisted watermark, highest stored sequence
+/// number, live state.
+type MarkRow = (String, i64, i64, Option<Vec<u8>>);
+
+/// Locks the watermark rows of `device_ids` (sorted) in device order and returns them.
+async fn lock_devices(
+    tx: &mut sqlx::PgConnection,
+    device_ids: &[&str],
+) -> Result<Vec<MarkRow>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT device_id, persisted_seq, max_seq, state FROM device_watermarks
          WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
     )
-    .bind(&device_ids)
+    .bind(device_ids)
     .fetch_all(&mut *tx)
-    .await?;
+    .await
+}
+
+/// [`write_batch`] of rows sorted by device and sequence number, without duplicates.
+async fn write_sorted(
+    pool: &sqlx::PgPool,
+    rows: &[Row],
+    rules: &FoldRules,
+    insert: Insert,
+) -> Result<Outcome, sqlx::Error> {
+    let devices: BTreeMap<&str, &str> = rows
+        .iter()
+        .map(|r| (r.device.as_str(), r.building.as_str()))
+        .collect();
+    let device_ids: Vec<&str> = devices.keys().copied().collect();
+
+    let mut tx = pool.begin().await?;
+    // Locking returns each device's latest row, live state included. Usually every device has
+    // its row already, and this is the batch's first statement.
+    let mut locked = lock_devices(&mut tx, &device_ids).await?;
+    if locked.len() < device_ids.len() {
+        // New devices: release the locks, create the missing rows (no new row version for rows
+        // another writer created meanwhile), then lock them all again in device order, so that
+        // writers always lock in the same order and cannot deadlock.
+        tx.rollback().await?;
+        tx = pool.begin().await?;
+        let building_ids: Vec<&str> = devices.values().copied().collect();
+        sqlx::query(
+            "INSERT INTO device_watermarks (device_id, building_id, persisted_seq, max_seq)
+             SELECT d, b, 0, 0 FROM UNNEST($1::text[], $2::text[]) AS t(d, b)
+             ON CONFLICT (device_id) DO NOTHING",
+        )
+        .bind(&device_ids)
+        .bind(&building_ids)
+        .execute(&mut *tx)
+        .await?;
+        locked = lock_devices(&mut tx, &device_ids).await?;
+    }
     let mut marks: HashMap<String, (i64, i64)> = HashMap::with_capacity(locked.len());
     let mut states: HashMap<String, v1::ElevatorState> = HashMap::new();
     for (device, persisted, max, state) in locked {
@@ -168,17 +218,23 @@ pub async fn write_batch(
     }
 
     // Keep only new messages.
-    rows.retain(|r| {
-        let (persisted, _) = marks.get(&r.device).copied().unwrap_or((0, 0));
-        r.seq > persisted
-            && !above
-                .get(&r.device)
-                .is_some_and(|stored| stored.contains_key(&r.seq))
-    });
-    let inserted = insert_rows(&mut tx, &rows).await?;
+    let rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| {
+            let (persisted, _) = marks.get(&r.device).copied().unwrap_or((0, 0));
+            r.seq > persisted
+                && !above
+                    .get(&r.device)
+                    .is_some_and(|stored| stored.contains_key(&r.seq))
+        })
+        .collect();
+    let inserted = match insert {
+        Insert::Copy => copy_rows(&mut tx, &rows).await?,
+        Insert::SkipConflicts => insert_rows(&mut tx, &rows).await?,
+    };
 
     let mut new_rows: HashMap<&str, BTreeMap<i64, &Row>> = HashMap::new();
-    for row in &rows {
+    for &row in &rows {
         new_rows
             .entry(row.device.as_str())
             .or_default()
@@ -192,8 +248,7 @@ pub async fn write_batch(
     let mut mark_updates: Vec<(&str, i64, i64)> = Vec::new();
     let mut state_updates: Vec<StateUpdate<'_>> = Vec::new();
     let mut effects: Vec<(&str, &str, i64, Effect)> = Vec::new();
-    for (device, building) in &devices {
-        let (device, building) = (device.as_str(), building.as_str());
+    for (&device, &building) in &devices {
         let (persisted, max) = marks.get(device).copied().unwrap_or((0, 0));
         let fresh = new_rows.remove(device).unwrap_or_default();
         let stored = above.remove(device).unwrap_or_default();
@@ -277,19 +332,118 @@ pub async fn write_batch(
     Ok(outcome)
 }
 
-async fn insert_rows(tx: &mut sqlx::PgConnection, rows: &[Row]) -> Result<u64, sqlx::Error> {
+/// Columns of `device_messages` a batch writes, in the order of [`copy_rows`]' tuples.
+const MESSAGE_COLUMNS: &str = "device_id, seq, building_id, kind, at, device_time, received_at, \
+    payload, event, event_value, mode, floor, load_percent, speed_mm_s, motor_temp_decicelsius";
+
+/// Stores `rows` (none of them stored yet) with one binary `COPY`.
+async fn copy_rows(tx: &mut sqlx::PgConnection, rows: &[&Row]) -> Result<u64, sqlx::Error> {
     if rows.is_empty() {
         return Ok(0);
     }
-    let col = |f: fn(&Row) -> Option<i32>| rows.iter().map(f).collect::<Vec<_>>();
-    Ok(sqlx::query(
-        "INSERT INTO device_messages (device_id, seq, building_id, kind, at, device_time, received_at,
-             payload, event, event_value, mode, floor, load_percent, speed_mm_s, motor_temp_decicelsius)
+    let mut buf = CopyBuf::with_capacity(
+        32 + rows
+            .iter()
+            .map(|r| 160 + r.device.len() + r.building.len() + r.payload.len())
+            .sum::<usize>(),
+    );
+    for row in rows {
+        buf.row(row);
+    }
+    let mut copy = tx
+        .copy_in_raw(&format!(
+            "COPY device_messages ({MESSAGE_COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    copy.send(buf.finish()).await?;
+    copy.finish().await
+}
+
+/// PostgreSQL's binary `COPY` format: a header, then per row a field count and each field as a
+/// length (-1 for NULL) and its binary representation, then a trailer.
+struct CopyBuf(Vec<u8>);
+
+impl CopyBuf {
+    /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+    fn with_capacity(capacity: usize) -> Self {
+        let mut b = Vec::with_capacity(capacity);
+        b.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        b.extend_from_slice(&0i32.to_be_bytes()); // flags
+        b.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        Self(b)
+    }
+
+    fn bytes(&mut self, v: &[u8]) {
+        // Fields are far below 2 GiB: a message is at most the NATS payload limit.
+        let len = i32::try_from(v.len()).unwrap_or(i32::MAX);
+        self.0.extend_from_slice(&len.to_be_bytes());
+        self.0.extend_from_slice(v);
+    }
+
+    fn opt<T>(&mut self, v: Option<T>, f: impl FnOnce(&mut Self, T)) {
+        match v {
+            Some(v) => f(self, v),
+            None => self.0.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+
+    fn i16(&mut self, v: i16) {
+        self.bytes(&v.to_be_bytes());
+    }
+
+    fn i32(&mut self, v: i32) {
+        self.bytes(&v.to_be_bytes());
+    }
+
+    fn i64(&mut self, v: i64) {
+        self.bytes(&v.to_be_bytes());
+    }
+
+    fn time(&mut self, t: DateTime<Utc>) {
+        self.i64(t.timestamp_micros() - Self::PG_EPOCH_MICROS);
+    }
+
+    /// One row, its fields in the order of [`MESSAGE_COLUMNS`].
+    fn row(&mut self, r: &Row) {
+        self.0.extend_from_slice(&15i16.to_be_bytes());
+        self.bytes(r.device.as_bytes());
+        self.i64(r.seq);
+        self.bytes(r.building.as_bytes());
+        self.bytes(r.kind.as_bytes());
+        self.time(r.at);
+        self.opt(r.device_time, Self::time);
+        self.time(r.received_at);
+        self.bytes(&r.payload);
+        self.opt(r.columns.event, |b, e| b.bytes(e.as_bytes()));
+        self.opt(r.columns.event_value, Self::i32);
+        self.opt(r.columns.mode, Self::i16);
+        self.opt(r.columns.floor, Self::i32);
+        self.opt(r.columns.load_percent, Self::i16);
+        self.opt(r.columns.speed_mm_s, Self::i32);
+        self.opt(r.columns.motor_temp_decicelsius, Self::i32);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.0.extend_from_slice(&(-1i16).to_be_bytes());
+        self.0
+    }
+}
+
+/// Stores the `rows` not stored yet with one `INSERT`.
+async fn insert_rows(tx: &mut sqlx::PgConnection, rows: &[&Row]) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let col = |f: fn(&&Row) -> Option<i32>| rows.iter().map(f).collect::<Vec<_>>();
+    Ok(sqlx::query(&format!(
+        "INSERT INTO device_messages ({MESSAGE_COLUMNS})
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::timestamptz[],
              $6::timestamptz[], $7::timestamptz[], $8::bytea[], $9::text[], $10::int4[],
              $11::int2[], $12::int4[], $13::int2[], $14::int4[], $15::int4[])
-         ON CONFLICT DO NOTHING",
-    )
+         ON CONFLICT DO NOTHING"
+    ))
     .bind(rows.iter().map(|r| r.device.as_str()).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.building.as_str()).collect::<Vec<_>>())
@@ -297,12 +451,20 @@ async fn insert_rows(tx: &mut sqlx::PgConnection, rows: &[Row]) -> Result<u64, s
     .bind(rows.iter().map(|r| r.at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.device_time).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.received_at).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.payload.as_ref()).collect::<Vec<&[u8]>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.payload.as_ref())
+            .collect::<Vec<&[u8]>>(),
+    )
     .bind(rows.iter().map(|r| r.columns.event).collect::<Vec<_>>())
     .bind(col(|r| r.columns.event_value))
     .bind(rows.iter().map(|r| r.columns.mode).collect::<Vec<_>>())
     .bind(col(|r| r.columns.floor))
-    .bind(rows.iter().map(|r| r.columns.load_percent).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.columns.load_percent)
+            .collect::<Vec<_>>(),
+    )
     .bind(col(|r| r.columns.speed_mm_s))
     .bind(col(|r| r.columns.motor_temp_decicelsius))
     .execute(&mut *tx)

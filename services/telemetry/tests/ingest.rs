@@ -489,6 +489,71 @@ async fn partitions_past_the_retention_are_dropped_whole() {
     );
 }
 
+/// The store writes new messages with a binary COPY, trusting its bookkeeping; a stored message
+/// the bookkeeping does not know of (it never should) must not block the stream: the batch is
+/// written again, skipping it.
+#[tokio::test]
+async fn a_stored_message_unknown_to_the_bookkeeping_does_not_block_the_batch() {
+    use chrono::Utc;
+    use liftwire_telemetry::ingest::{validate, Clock};
+    use liftwire_telemetry::partitions::{PartitionConfig, Partitions};
+    use liftwire_telemetry::state::FoldRules;
+    use liftwire_telemetry::store;
+    let pg = Postgres::start().await.unwrap();
+    let pool = pg.pool().await.unwrap();
+    liftwire_telemetry::migrate(&pool).await.unwrap();
+    let clock = Clock {
+        received_at: Utc::now(),
+        oldest: Utc::now() - chrono::Duration::days(30),
+        max_clock_skew: chrono::Duration::seconds(300),
+    };
+    let subject = "lw.v1.up.b1.elev-9.event";
+    let payloads: Vec<bytes::Bytes> = (1..=3)
+        .map(|seq| event("elev-9", seq).encode_to_vec().into())
+        .collect();
+    let rows = |seqs: std::ops::RangeInclusive<usize>| {
+        seqs.map(|seq| validate(subject, &payloads[seq - 1], &clock).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let partitions = Partitions::new(PartitionConfig::default());
+    partitions
+        .ensure(&pool, &store::days(&rows(1..=3)))
+        .await
+        .unwrap();
+    // Message 2 is in the log, but the device's bookkeeping does not know it.
+    let stray = rows(2..=2).remove(0);
+    sqlx::query(
+        "INSERT INTO device_messages (device_id, seq, building_id, kind, at, received_at, payload)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&stray.device)
+    .bind(stray.seq)
+    .bind(&stray.building)
+    .bind(stray.kind)
+    .bind(stray.at)
+    .bind(stray.received_at)
+    .bind(stray.payload.as_ref())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let outcome = store::write_batch(&pool, rows(1..=3), &FoldRules::default())
+        .await
+        .expect("the batch is written despite the stray row");
+    assert_eq!(outcome.inserted, 2, "messages 1 and 3; 2 was there");
+    assert_eq!(outcome.advanced.len(), 1);
+    assert_eq!(outcome.advanced[0].persisted_seq, 3);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM device_messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 3);
+    // Written again (a redelivery), nothing changes.
+    let again = store::write_batch(&pool, rows(1..=3), &FoldRules::default())
+        .await
+        .unwrap();
+    assert_eq!((again.inserted, again.advanced.len()), (0, 0));
+}
+
 async fn alert_states(pool: &sqlx::PgPool, device: &str) -> Vec<(String, String)> {
     sqlx::query_as("SELECT rule, state FROM alerts WHERE device_id = $1 ORDER BY rule")
         .bind(device)
