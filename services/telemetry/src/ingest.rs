@@ -20,6 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::Deserialize;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -36,8 +37,8 @@ pub struct IngestConfig {
     pub consumer: String,
     /// Largest batch written in one transaction.
     pub batch_size: usize,
-    /// Batches in flight at once per replica (each fetches and writes on its own; batches of the
-    /// same device serialize on its watermark lock).
+    /// Transactions written at once per replica, each for its own share of the devices (so they
+    /// never wait for each other's locks); each writer has one share of the next batch waiting.
     pub workers: usize,
     /// Longest a message waits for its batch to fill before the batch is written anyway.
     #[serde(with = "humantime_serde")]
@@ -381,6 +382,35 @@ pub fn validate(subject: &str, payload: &bytes::Bytes, clock: &Clock) -> Result<
     }
 }
 
+/// The writer of a device's messages, out of `writers`: always the same one, so that a device's
+/// batches are written in order and a replica's writers never wait for each other's locks.
+fn writer_of(device: &str, writers: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    if writers <= 1 {
+        return 0;
+    }
+    // A fixed hash (not a random seed): any stable spread does.
+    let mut hasher = std::hash::DefaultHasher::new();
+    device.hash(&mut hasher);
+    usize::try_from(hasher.finish() % writers as u64).unwrap_or(0)
+}
+
+/// A fetched batch (or a writer's share of it), validated: the rows to write and the messages
+/// they came from.
+struct Prepared {
+    /// When the batch was received.
+    started: Instant,
+    rows: Vec<Row>,
+    /// Acknowledged once the rows commit.
+    pending: Vec<jetstream::Message>,
+}
+
+/// A committed batch: its messages to acknowledge and what to announce.
+struct Committed {
+    pending: Vec<jetstream::Message>,
+    outcome: store::Outcome,
+}
+
 /// The ingest loop.
 pub struct Ingest {
     config: IngestConfig,
@@ -438,22 +468,51 @@ impl Ingest {
         })
     }
 
-    /// Ingests with `workers` batches in flight until `shutdown`; batches in progress are
-    /// finished (committed and acknowledged) before returning.
+    /// Ingests until `shutdown`, as a pipeline whose stages run at once: fetching and validating
+    /// the next batch; writing, with `workers` writers, each its share of the devices (by a hash
+    /// of the device id, so a replica's transactions never wait for each other's device locks,
+    /// and each device's messages are written in the order JetStream delivered them); and
+    /// acknowledging and announcing what committed. Batches in progress are finished (committed
+    /// and acknowledged) before returning.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
-        let workers = self.config.workers.max(1);
         let this = Arc::new(self);
-        let results =
-            futures::future::join_all((0..workers).map(|_| this.clone().work(shutdown.clone())))
-                .await;
+        let writers = this.config.workers.max(1);
+        let (to_acknowledge, acknowledging) = mpsc::channel(writers);
+        let mut to_write = Vec::with_capacity(writers);
+        let mut write = Vec::with_capacity(writers);
+        for _ in 0..writers {
+            // One share of a batch waits for each writer while it writes the previous one.
+            let (tx, rx) = mpsc::channel(1);
+            to_write.push(tx);
+            write.push(tokio::spawn(this.clone().write(
+                rx,
+                to_acknowledge.clone(),
+                shutdown.clone(),
+            )));
+        }
+        drop(to_acknowledge);
+        let fetch = tokio::spawn(this.clone().fetch(to_write, shutdown));
+        let acknowledge = tokio::spawn(this.clone().acknowledge_committed(acknowledging));
+        let (fetched, written, acknowledged) =
+            tokio::join!(fetch, futures::future::join_all(write), acknowledge);
         tracing::info!("ingest stopped");
-        results.into_iter().collect()
+        fetched?;
+        for w in written {
+            w?;
+        }
+        acknowledged?;
+        Ok(())
     }
 
-    /// One worker: fetch a batch, write it, acknowledge it, repeat.
-    async fn work(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), BoxError> {
+    /// Stage 1: fetch a batch, validate it (dead-lettering what is refused), hand each writer
+    /// its share.
+    async fn fetch(
+        self: Arc<Self>,
+        to_write: Vec<mpsc::Sender<Prepared>>,
+        shutdown: CancellationToken,
+    ) {
         let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
+        'fetching: while !shutdown.is_cancelled() {
             let batch = tokio::select! {
                 batch = self.next_batch() => batch,
                 _ = shutdown.cancelled() => break,
@@ -462,7 +521,10 @@ impl Ingest {
                 Ok(messages) => messages,
                 Err(e) => {
                     tracing::warn!(error = %e, "fetching from JetStream failed; retrying");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => break,
+                    }
                     continue;
                 }
             };
@@ -474,15 +536,18 @@ impl Ingest {
                 }
                 continue;
             }
-            match self.process(messages).await {
-                Ok(()) => {
-                    self.database_ready.set(true);
+            match self.prepare(messages, to_write.len()).await {
+                Ok(shares) => {
                     backoff = Duration::from_millis(100);
+                    for (share, writer) in shares.into_iter().zip(&to_write) {
+                        if !share.rows.is_empty() && writer.send(share).await.is_err() {
+                            break 'fetching;
+                        }
+                    }
                 }
                 Err(e) => {
-                    self.database_ready.set(false);
-                    self.metrics.database_errors.inc();
-                    tracing::warn!(error = %e, retry_in = ?backoff, "writing a batch failed; JetStream keeps it for redelivery");
+                    // Nothing of the batch is acknowledged: JetStream redelivers it.
+                    tracing::warn!(error = %e, retry_in = ?backoff, "dead-lettering failed; JetStream keeps the batch for redelivery");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => break,
@@ -491,7 +556,92 @@ impl Ingest {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Stage 2: write each batch in one transaction, then hand it on to be acknowledged. A batch
+    /// that fails is negatively acknowledged (JetStream redelivers it) and the writer backs off.
+    async fn write(
+        self: Arc<Self>,
+        mut writing: mpsc::Receiver<Prepared>,
+        to_acknowledge: mpsc::Sender<Committed>,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        while let Some(prepared) = writing.recv().await {
+            let Prepared {
+                started,
+                rows,
+                pending,
+            } = prepared;
+            let kinds: Vec<&'static str> = rows.iter().map(|r| r.kind).collect();
+            let total = rows.len() as u64;
+            let written = async {
+                self.partitions
+                    .ensure(&self.pool, &store::days(&rows))
+                    .await?;
+                store::write_batch(&self.pool, rows, &self.rules).await
+            }
+            .await;
+            match written {
+                Ok(outcome) => {
+                    self.database_ready.set(true);
+                    backoff = Duration::from_millis(100);
+                    self.metrics
+                        .batch_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics
+                        .duplicates
+                        .inc_by(total.saturating_sub(outcome.inserted));
+                    for kind in kinds {
+                        self.metrics
+                            .ingested
+                            .get_or_create(&KindLabel { kind })
+                            .inc();
+                    }
+                    let committed = Committed { pending, outcome };
+                    if let Err(mpsc::error::SendError(committed)) =
+                        to_acknowledge.send(committed).await
+                    {
+                        // The acknowledging stage is gone (it panicked): acknowledge here.
+                        self.acknowledge(&committed.pending).await;
+                    }
+                }
+                Err(e) => {
+                    self.database_ready.set(false);
+                    self.metrics.database_errors.inc();
+                    tracing::warn!(error = %e, retry_in = ?backoff, "writing a batch failed; JetStream keeps it for redelivery");
+                    self.nak(&pending).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => {
+                            // Hand back what was fetched ahead instead of writing it.
+                            writing.close();
+                            while let Some(prepared) = writing.recv().await {
+                                self.nak(&prepared.pending).await;
+                            }
+                            break;
+                        }
+                    }
+                    backoff = (backoff * 2).min(self.config.max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Stage 3: acknowledge each committed batch, then announce watermarks, states and alerts.
+    async fn acknowledge_committed(self: Arc<Self>, mut acknowledging: mpsc::Receiver<Committed>) {
+        while let Some(Committed { pending, outcome }) = acknowledging.recv().await {
+            self.acknowledge(&pending).await;
+            for advance in &outcome.advanced {
+                self.publish_watermark(advance).await;
+            }
+            for state in &outcome.states {
+                self.publish_state(state).await;
+            }
+            for change in &outcome.alerts {
+                alerts::announce(&self.nats, change).await;
+            }
+        }
     }
 
     async fn next_batch(&self) -> Result<Vec<jetstream::Message>, BoxError> {
@@ -523,14 +673,30 @@ impl Ingest {
         }
     }
 
-    async fn process(&self, messages: Vec<jetstream::Message>) -> Result<(), BoxError> {
+    /// Validates a fetched batch: the rows to write, with the messages to acknowledge once they
+    /// commit. Refused messages go to the dead-letter stream first (an error leaves the whole
+    /// batch to JetStream's redelivery).
+    async fn prepare(
+        &self,
+        messages: Vec<jetstream::Message>,
+        writers: usize,
+    ) -> Result<Vec<Prepared>, BoxError> {
         let started = Instant::now();
         let now = Utc::now();
         let batch_clock = self.clock(now);
-        let mut rows = Vec::with_capacity(messages.len());
-        // Messages acknowledged once the batch commits.
-        let mut pending = Vec::with_capacity(messages.len());
-        for message in &messages {
+        let mut shares: Vec<Prepared> = (0..writers.max(1))
+            .map(|_| Prepared {
+                started,
+                rows: Vec::with_capacity(messages.len() / writers.max(1) + 1),
+                pending: Vec::with_capacity(messages.len() / writers.max(1) + 1),
+            })
+            .collect();
+        let mut keep = |row: Row, message: jetstream::Message| {
+            let share = &mut shares[writer_of(&row.device, writers)];
+            share.rows.push(row);
+            share.pending.push(message);
+        };
+        for message in messages {
             // Each message continues the trace its device started at the gateway.
             let span = tracing::info_span!("telemetry_ingest", subject = %message.subject);
             if let Some(headers) = &message.headers {
@@ -547,23 +713,17 @@ impl Ingest {
                 ..batch_clock
             };
             match span.in_scope(|| validate(&message.subject, &message.payload, &clock)) {
-                Ok(row) => {
-                    rows.push(row);
-                    pending.push(message);
-                }
+                Ok(row) => keep(row, message),
                 Err(Refused {
                     rejection,
                     placeholder,
                 }) => {
                     // Stored in the dead-letter stream before anything is acknowledged.
-                    self.dead_letter(message, rejection)
+                    self.dead_letter(&message, rejection)
                         .instrument(span)
                         .await?;
                     match placeholder {
-                        Some(row) => {
-                            rows.push(*row);
-                            pending.push(message);
-                        }
+                        Some(row) => keep(*row, message),
                         None => {
                             if let Err(e) = message.ack_with(AckKind::Term).await {
                                 tracing::warn!(error = %e, "terminating a dead-lettered message failed");
@@ -573,57 +733,12 @@ impl Ingest {
                 }
             }
         }
-        let kinds: Vec<&'static str> = rows.iter().map(|r| r.kind).collect();
-        let total = rows.len() as u64;
-        if !rows.is_empty() {
-            let written = async {
-                self.partitions
-                    .ensure(&self.pool, &store::days(&rows))
-                    .await?;
-                store::write_batch(&self.pool, rows, &self.rules).await
-            }
-            .await;
-            let outcome = match written {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    for message in &pending {
-                        // Redeliver soon rather than after the full ack wait.
-                        let _ = message
-                            .ack_with(AckKind::Nak(Some(self.config.max_backoff)))
-                            .await;
-                    }
-                    return Err(e.into());
-                }
-            };
-            self.metrics
-                .batch_seconds
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics
-                .duplicates
-                .inc_by(total.saturating_sub(outcome.inserted));
-            for kind in kinds {
-                self.metrics
-                    .ingested
-                    .get_or_create(&KindLabel { kind })
-                    .inc();
-            }
-            self.acknowledge(&pending).await;
-            for advance in &outcome.advanced {
-                self.publish_watermark(advance).await;
-            }
-            for state in &outcome.states {
-                self.publish_state(state).await;
-            }
-            for change in &outcome.alerts {
-                alerts::announce(&self.nats, change).await;
-            }
-        }
-        Ok(())
+        Ok(shares)
     }
 
     /// Acknowledges committed messages: one publish each, then a single flush. A lost ack only
     /// causes a redelivery, which the store recognizes as a duplicate.
-    async fn acknowledge(&self, messages: &[&jetstream::Message]) {
+    async fn acknowledge(&self, messages: &[jetstream::Message]) {
         for message in messages {
             if let Err(e) = message.ack().await {
                 tracing::warn!(error = %e, "acknowledging a persisted message failed");
@@ -631,6 +746,15 @@ impl Ingest {
         }
         if let Err(e) = self.nats.flush().await {
             tracing::warn!(error = %e, "flushing acknowledgements failed");
+        }
+    }
+
+    /// Hands messages back for redelivery soon rather than after the full ack wait.
+    async fn nak(&self, messages: &[jetstream::Message]) {
+        for message in messages {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(self.config.max_backoff)))
+                .await;
         }
     }
 
