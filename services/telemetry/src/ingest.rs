@@ -760,7 +760,8 @@ impl Ingest {
 
     /// Announces an elevator's new live state (for live dashboards; best effort, the state
     /// itself is in the database).
-    async fn publish_state(&self, state: &v1::ElevatorState) {
+    async fn publish_state(&self, change: &store::StateChange) {
+        let state = &change.state;
         let (Ok(building), Ok(device)) = (
             BuildingId::new(state.building_id.as_str()),
             DeviceId::new(state.device_id.as_str()),
@@ -769,10 +770,7 @@ impl Ingest {
         };
         if let Err(e) = self
             .nats
-            .publish(
-                state_subject(&building, &device),
-                state.encode_to_vec().into(),
-            )
+            .publish(state_subject(&building, &device), change.encoded.clone())
             .await
         {
             tracing::warn!(error = %e, device = %state.device_id, "publishing a state change failed");

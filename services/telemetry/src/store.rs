@@ -11,6 +11,7 @@
 //! device's row (watermark and live state) in one statement; plus one statement per incident or
 //! alert change, which are rare.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
@@ -75,6 +76,15 @@ pub struct WatermarkAdvance {
     pub persisted_seq: i64,
 }
 
+/// An elevator's new live state.
+#[derive(Debug, Clone)]
+pub struct StateChange {
+    /// The state.
+    pub state: v1::ElevatorState,
+    /// As stored (the protobuf encoding).
+    pub encoded: Bytes,
+}
+
 /// What a committed batch changed.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -82,8 +92,8 @@ pub struct Outcome {
     pub inserted: u64,
     /// Watermarks that advanced.
     pub advanced: Vec<WatermarkAdvance>,
-    /// New live states.
-    pub states: Vec<v1::ElevatorState>,
+    /// Live states that changed.
+    pub states: Vec<StateChange>,
     /// Alert changes to announce.
     pub alerts: Vec<AlertChange>,
 }
@@ -109,9 +119,11 @@ enum Insert {
 /// Writes `rows` in one transaction. The days of the rows' `at` must have partitions.
 pub async fn write_batch(
     pool: &sqlx::PgPool,
-    mut rows: Vec<Row>,
+    rows: Vec<Row>,
     rules: &FoldRules,
 ) -> Result<Outcome, sqlx::Error> {
+    // Sorted by reference: a row is a few hundred bytes.
+    let mut rows: Vec<&Row> = rows.iter().collect();
     rows.sort_by(|a, b| (&a.device, a.seq).cmp(&(&b.device, b.seq)));
     rows.dedup_by(|a, b| a.device == b.device && a.seq == b.seq);
     match write_sorted(pool, &rows, rules, Insert::Copy).await {
@@ -148,7 +160,7 @@ async fn lock_devices(
 /// [`write_batch`] of rows sorted by device and sequence number, without duplicates.
 async fn write_sorted(
     pool: &sqlx::PgPool,
-    rows: &[Row],
+    rows: &[&Row],
     rules: &FoldRules,
     insert: Insert,
 ) -> Result<Outcome, sqlx::Error> {
@@ -181,10 +193,13 @@ async fn write_sorted(
         locked = lock_devices(&mut tx, &device_ids).await?;
     }
     let mut marks: HashMap<String, (i64, i64)> = HashMap::with_capacity(locked.len());
-    let mut states: HashMap<String, v1::ElevatorState> = HashMap::new();
-    for (device, persisted, max, state) in locked {
-        if let Some(state) = state.and_then(|b| v1::ElevatorState::decode(b.as_slice()).ok()) {
-            states.insert(device.clone(), state);
+    // Live states, decoded and as stored (to tell whether a batch changed them).
+    let mut states: HashMap<String, (v1::ElevatorState, Vec<u8>)> = HashMap::new();
+    for (device, persisted, max, stored) in locked {
+        if let Some(stored) = stored {
+            if let Ok(state) = v1::ElevatorState::decode(stored.as_slice()) {
+                states.insert(device.clone(), (state, stored));
+            }
         }
         marks.insert(device, (persisted, max));
     }
@@ -220,6 +235,7 @@ async fn write_sorted(
     // Keep only new messages.
     let rows: Vec<&Row> = rows
         .iter()
+        .copied()
         .filter(|r| {
             let (persisted, _) = marks.get(&r.device).copied().unwrap_or((0, 0));
             r.seq > persisted
@@ -233,13 +249,11 @@ async fn write_sorted(
         Insert::SkipConflicts => insert_rows(&mut tx, &rows).await?,
     };
 
-    let mut new_rows: HashMap<&str, BTreeMap<i64, &Row>> = HashMap::new();
-    for &row in &rows {
-        new_rows
-            .entry(row.device.as_str())
-            .or_default()
-            .insert(row.seq, row);
-    }
+    // Each device's new rows, in sequence order.
+    let mut new_rows: HashMap<&str, &[&Row]> = rows
+        .chunk_by(|a, b| a.device == b.device)
+        .map(|rows| (rows[0].device.as_str(), rows))
+        .collect();
 
     let mut outcome = Outcome {
         inserted,
@@ -252,19 +266,21 @@ async fn write_sorted(
         let (persisted, max) = marks.get(device).copied().unwrap_or((0, 0));
         let fresh = new_rows.remove(device).unwrap_or_default();
         let stored = above.remove(device).unwrap_or_default();
-        let new_max = max.max(fresh.keys().next_back().copied().unwrap_or(0));
+        let new_max = max.max(fresh.last().map_or(0, |r| r.seq));
         // The contiguous run above the watermark, from new and earlier stored messages.
         let mut watermark = persisted;
-        let mut run: Vec<(i64, DateTime<Utc>, Option<v1::Envelope>)> = Vec::new();
+        let mut run: Vec<(i64, DateTime<Utc>, Option<Cow<'_, v1::Envelope>>)> = Vec::new();
         loop {
             let next = watermark + 1;
-            if let Some(row) = fresh.get(&next) {
-                run.push((next, row.at, row.envelope.clone()));
+            if let Ok(i) = fresh.binary_search_by_key(&next, |r| r.seq) {
+                let row = fresh[i];
+                run.push((next, row.at, row.envelope.as_ref().map(Cow::Borrowed)));
             } else if let Some(s) = stored.get(&next) {
                 let envelope = s
                     .payload
                     .as_deref()
-                    .and_then(|p| v1::Envelope::decode(p).ok());
+                    .and_then(|p| v1::Envelope::decode(p).ok())
+                    .map(Cow::Owned);
                 run.push((s.seq, s.at, envelope));
             } else {
                 break;
@@ -293,10 +309,13 @@ async fn write_sorted(
             // Not an elevator (e.g. a screen): no state to keep.
             continue;
         }
-        let mut state = states.remove(device).unwrap_or_else(|| v1::ElevatorState {
-            device_id: device.into(),
-            building_id: building.into(),
-            ..Default::default()
+        let (mut state, before) = states.remove(device).unwrap_or_else(|| {
+            let state = v1::ElevatorState {
+                device_id: device.into(),
+                building_id: building.into(),
+                ..Default::default()
+            };
+            (state, Vec::new())
         });
         let first_at = (!known)
             .then(|| run.first().map(|(_, at, _)| *at))
@@ -316,7 +335,16 @@ async fn write_sorted(
                 None => state.applied_seq = seq,
             }
         }
-        state_updates.push((device, state, first_at));
+        // Stored and announced only when it changed.
+        let encoded = state.encode_to_vec();
+        if encoded != before {
+            state_updates.push(StateUpdate {
+                device,
+                state,
+                encoded: encoded.into(),
+                first_at,
+            });
+        }
     }
 
     if !mark_updates.is_empty() {
@@ -328,7 +356,13 @@ async fn write_sorted(
         }
     }
     tx.commit().await?;
-    outcome.states = state_updates.into_iter().map(|(_, s, _)| s).collect();
+    outcome.states = state_updates
+        .into_iter()
+        .map(|u| StateChange {
+            state: u.state,
+            encoded: u.encoded,
+        })
+        .collect();
     Ok(outcome)
 }
 
@@ -473,7 +507,12 @@ async fn insert_rows(tx: &mut sqlx::PgConnection, rows: &[&Row]) -> Result<u64, 
 }
 
 /// A device's new live state, and when it was first seen if this batch is its first.
-type StateUpdate<'a> = (&'a str, v1::ElevatorState, Option<DateTime<Utc>>);
+struct StateUpdate<'a> {
+    device: &'a str,
+    state: v1::ElevatorState,
+    encoded: Bytes,
+    first_at: Option<DateTime<Utc>>,
+}
 
 /// One statement for every device of the batch: watermark, highest sequence number and, for
 /// elevators whose messages were folded, the live state and the columns the alert rules scan.
@@ -483,8 +522,8 @@ async fn update_devices(
     states: &[StateUpdate<'_>],
 ) -> Result<(), sqlx::Error> {
     let ts = |t: &Option<liftwire_proto::Timestamp>| t.as_ref().and_then(state::datetime);
-    let by_device: HashMap<&str, &StateUpdate<'_>> = states.iter().map(|u| (u.0, u)).collect();
-    let state_of = |device: &str| by_device.get(device).map(|u| &u.1);
+    let by_device: HashMap<&str, &StateUpdate<'_>> = states.iter().map(|u| (u.device, u)).collect();
+    let state_of = |device: &str| by_device.get(device).map(|u| &u.state);
     sqlx::query(
         "UPDATE device_watermarks w SET persisted_seq = t.p, max_seq = t.m,
              applied_seq = coalesce(t.a, w.applied_seq),
@@ -510,13 +549,13 @@ async fn update_devices(
     .bind(
         marks
             .iter()
-            .map(|m| state_of(m.0).map(|s| s.encode_to_vec()))
+            .map(|m| by_device.get(m.0).map(|u| u.encoded.as_ref()))
             .collect::<Vec<_>>(),
     )
     .bind(
         marks
             .iter()
-            .map(|m| by_device.get(m.0).and_then(|u| u.2))
+            .map(|m| by_device.get(m.0).and_then(|u| u.first_at))
             .collect::<Vec<_>>(),
     )
     .bind(
