@@ -654,7 +654,15 @@ impl Ingest {
             .await?;
         let mut messages = Vec::with_capacity(self.config.batch_size);
         while let Some(message) = batch.next().await {
-            messages.push(message?);
+            match message {
+                Ok(message) => messages.push(message),
+                Err(e) if messages.is_empty() => return Err(e),
+                Err(e) => {
+                    // What arrived is delivered: write it rather than wait for its redelivery.
+                    tracing::warn!(error = %e, received = messages.len(), "a JetStream batch ended early");
+                    break;
+                }
+            }
         }
         Ok(messages)
     }
