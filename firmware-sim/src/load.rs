@@ -1,13 +1,19 @@
 //! Load mode: many devices publishing at a fixed total rate, measured end to end.
 //!
-//! Open loop: every message has a scheduled send time (device `d` sends its `i`-th message at
-//! `start + ramp(d) + i / per_device_rate`), carried in the envelope's `device_time`. Latency is
-//! measured from that scheduled time to the arrival at a NATS subscriber, so a slow system shows
-//! up as latency (coordinated omission is avoided) rather than as a lower send rate. Loss is
-//! counted from per-device sequence gaps; duplicates separately.
+//! All devices connect first; then the schedule starts. Open loop: device `d` of `n` sends its
+//! `i`-th message at `start + (d / n + i) * interval` (so the total rate is even from the first
+//! instant), carrying that scheduled time in the envelope's `device_time`. Latency is measured
+//! from the scheduled time to the arrival at each [`Observer`], so a slow system shows up as
+//! latency rather than as a lower send rate (no coordinated omission). Loss is counted per
+//! observer from per-device sequence numbers; duplicates separately. For QoS 1 the time from the
+//! scheduled send to the PUBACK is measured too.
+//!
+//! Devices publish over MQTT (to the gateway or any broker) or straight to NATS (the baseline
+//! without a broker in between); observers sit on a NATS subject, on a JetStream stream (the
+//! message is stored) or on an MQTT subscription.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,20 +21,92 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use liftwire_proto::naming::{BuildingId, DeviceId, Uplink, UplinkKind};
 use liftwire_proto::{timestamp, v1, Message, SCHEMA_VERSION};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use v1::envelope::Body;
+
+/// How the load devices publish.
+#[derive(Debug, Clone)]
+pub enum Publisher {
+    /// One MQTT connection per device.
+    Mqtt {
+        /// Broker host.
+        host: String,
+        /// Broker port.
+        port: u16,
+        /// Secrets per device id; `None` connects without credentials.
+        secrets: Option<HashMap<String, String>>,
+    },
+    /// One NATS connection per device, publishing on the gateway's uplink subjects directly.
+    Nats {
+        /// NATS server URL.
+        url: String,
+    },
+}
+
+/// Where arrivals are observed.
+#[derive(Debug, Clone)]
+pub enum Observe {
+    /// A core NATS subscription.
+    Nats {
+        /// NATS server URL.
+        url: String,
+        /// Subject filter.
+        subject: String,
+    },
+    /// An ordered consumer on a JetStream stream: a message counts once it is stored.
+    JetStream {
+        /// NATS server URL.
+        url: String,
+        /// Stream name.
+        stream: String,
+        /// Filter subject inside the stream.
+        subject: String,
+    },
+    /// An MQTT subscription (QoS 0).
+    Mqtt {
+        /// Broker host.
+        host: String,
+        /// Broker port.
+        port: u16,
+        /// Topic filter.
+        topic: String,
+    },
+}
+
+/// A named place where arrivals are measured.
+#[derive(Debug, Clone)]
+pub struct Observer {
+    /// Name in the report (e.g. "nats", "jetstream").
+    pub name: String,
+    /// Where.
+    pub at: Observe,
+}
+
+impl Observer {
+    /// The gateway's bridged subjects for `building`'s telemetry on `nats_url`.
+    pub fn gateway_subjects(nats_url: &str, building: &str) -> Self {
+        Self {
+            name: "nats".into(),
+            at: Observe::Nats {
+                url: nats_url.into(),
+                subject: format!("lw.v1.up.{building}.*.telemetry"),
+            },
+        }
+    }
+}
 
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    /// Gateway (or any MQTT broker) host.
-    pub host: String,
-    /// Its port.
-    pub port: u16,
-    /// NATS server where the messages are expected.
-    pub nats_url: String,
+    /// How devices publish.
+    pub publisher: Publisher,
+    /// Where arrivals are measured (at least one).
+    pub observers: Vec<Observer>,
     /// Number of devices.
     pub devices: u32,
     /// Total messages per second across all devices.
@@ -39,14 +117,57 @@ pub struct LoadConfig {
     pub payload_bytes: usize,
     /// How long to send.
     pub duration: Duration,
-    /// Devices start spread over this time.
-    pub ramp_up: Duration,
     /// Building id of the load devices (`{building}-d0001`, ...).
     pub building: String,
-    /// Secrets per device id; `None` connects without credentials (e.g. a broker without auth).
-    pub secrets: Option<HashMap<String, String>>,
-    /// How long to wait for stragglers after the last send.
+    /// How long devices may take to connect before the run fails.
+    pub connect_timeout: Duration,
+    /// Longest wait for stragglers after the last send.
     pub drain: Duration,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Worst.
+    pub max_ms: f64,
+}
+
+impl Latency {
+    fn of(histogram: &Histogram<u64>) -> Self {
+        let ms = |v: u64| v as f64 / 1e6;
+        if histogram.is_empty() {
+            return Self::default();
+        }
+        Self {
+            p50_ms: ms(histogram.value_at_quantile(0.5)),
+            p99_ms: ms(histogram.value_at_quantile(0.99)),
+            p999_ms: ms(histogram.value_at_quantile(0.999)),
+            max_ms: ms(histogram.max()),
+        }
+    }
+}
+
+/// What one observer saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tier {
+    /// The observer's name.
+    pub name: String,
+    /// Distinct messages that arrived.
+    pub received: u64,
+    /// Sent but never arrived.
+    pub lost: u64,
+    /// Arrived more than once.
+    pub duplicates: u64,
+    /// Arrivals per second from the schedule's start to the last arrival.
+    pub achieved_rate: f64,
+    /// Scheduled send → arrival.
+    pub latency: Latency,
 }
 
 /// Measurements of one run.
@@ -60,38 +181,42 @@ pub struct LoadReport {
     pub qos: u8,
     /// Payload size.
     pub payload_bytes: usize,
-    /// Messages handed to the MQTT client.
+    /// Messages handed to the client.
     pub sent: u64,
+    /// Send rate achieved by the generator (sent / duration).
+    pub offered_rate: f64,
     /// QoS 1 acknowledgements received (0 for QoS 0).
     pub acked: u64,
-    /// Distinct messages that arrived on NATS.
-    pub received: u64,
-    /// Sent but never arrived.
-    pub lost: u64,
-    /// Arrived more than once.
-    pub duplicates: u64,
-    /// Achieved arrival rate over the send window.
-    pub achieved_rate: f64,
-    /// Latency percentiles in milliseconds (scheduled send → NATS arrival).
-    pub p50_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// 99.9th percentile.
-    pub p999_ms: f64,
-    /// Worst.
-    pub max_ms: f64,
+    /// Scheduled send → PUBACK (QoS 1 over MQTT only).
+    pub ack_latency: Option<Latency>,
+    /// Device reconnections during the run.
+    pub reconnects: u64,
+    /// One entry per observer, in configuration order.
+    pub tiers: Vec<Tier>,
 }
 
 impl LoadReport {
-    /// A human-readable table.
+    /// A human-readable table, one row per observer.
     pub fn table(&self) -> String {
-        format!(
-            "| devices | rate/s | qos | bytes | sent | acked | received | lost | dup | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
-             | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            self.devices, self.target_rate, self.qos, self.payload_bytes, self.sent, self.acked, self.received, self.lost, self.duplicates,
-            self.achieved_rate, self.p50_ms, self.p99_ms, self.p999_ms, self.max_ms
-        )
+        let mut out = String::from(
+            "| devices | rate/s | qos | bytes | sent | acked | observer | received | lost | dup | achieved/s | p50 ms | p99 ms | p99.9 ms | max ms |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        );
+        for tier in &self.tiers {
+            let l = tier.latency;
+            out.push_str(&format!(
+                "\n| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                self.devices, self.target_rate, self.qos, self.payload_bytes, self.sent, self.acked,
+                tier.name, tier.received, tier.lost, tier.duplicates, tier.achieved_rate,
+                l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms
+            ));
+        }
+        out
+    }
+
+    /// The first observer's view (the configuration requires one).
+    pub fn primary(&self) -> Option<&Tier> {
+        self.tiers.first()
     }
 }
 
@@ -101,9 +226,22 @@ pub enum LoadError {
     /// Bad identifiers.
     #[error(transparent)]
     Id(#[from] liftwire_proto::naming::IdError),
-    /// NATS unreachable.
+    /// NATS unreachable or refusing a subscription.
     #[error("NATS: {0}")]
     Nats(String),
+    /// The observing MQTT subscription failed.
+    #[error("MQTT observer: {0}")]
+    Mqtt(String),
+    /// Devices did not all connect in time.
+    #[error("only {connected} of {devices} devices connected within {timeout:?}")]
+    Connect {
+        /// Connected devices.
+        connected: usize,
+        /// All devices.
+        devices: u32,
+        /// The limit.
+        timeout: Duration,
+    },
     /// Bad arguments.
     #[error("{0}")]
     Invalid(&'static str),
@@ -119,13 +257,19 @@ pub fn device_id(building: &str, index: u32) -> String {
     format!("{building}-d{index:04}")
 }
 
-fn envelope(device: &DeviceId, seq: u64, scheduled: SystemTime, payload_bytes: usize) -> Vec<u8> {
+/// A telemetry envelope of (at least) `payload_bytes`, stamped with its scheduled send time.
+pub fn envelope(
+    device: &DeviceId,
+    seq: u64,
+    scheduled: SystemTime,
+    payload_bytes: usize,
+) -> Vec<u8> {
     let mut envelope = v1::Envelope {
         schema_version: SCHEMA_VERSION,
         device_id: device.to_string(),
         seq,
         device_time: Some(timestamp(scheduled)),
-        body: Some(v1::envelope::Body::Telemetry(v1::Telemetry {
+        body: Some(Body::Telemetry(v1::Telemetry {
             mode: v1::OperatingMode::Normal as i32,
             floor: 4,
             position_mm: 12_000,
@@ -151,14 +295,331 @@ fn envelope(device: &DeviceId, seq: u64, scheduled: SystemTime, payload_bytes: u
     envelope.encode_to_vec()
 }
 
-use v1::envelope::Body;
+fn histogram() -> Histogram<u64> {
+    // 1 ns .. 60 s at 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant histogram bounds are valid")
+}
 
-#[derive(Default)]
+/// Arrivals seen by one observer.
 struct Arrivals {
     seen: HashMap<String, HashSet<u64>>,
-    histogram: Option<Histogram<u64>>,
+    histogram: Histogram<u64>,
     duplicates: u64,
+    received: u64,
     last_arrival_ns: i128,
+}
+
+impl Arrivals {
+    fn new() -> Self {
+        Self {
+            seen: HashMap::new(),
+            histogram: histogram(),
+            duplicates: 0,
+            received: 0,
+            last_arrival_ns: 0,
+        }
+    }
+
+    fn record(&mut self, payload: &[u8]) {
+        let now = nanos(SystemTime::now());
+        let Ok(envelope) = v1::Envelope::decode(payload) else {
+            return;
+        };
+        let scheduled = envelope
+            .device_time
+            .map_or(now, |t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
+        self.last_arrival_ns = now;
+        if !self
+            .seen
+            .entry(envelope.device_id)
+            .or_default()
+            .insert(envelope.seq)
+        {
+            self.duplicates += 1;
+            return;
+        }
+        self.received += 1;
+        let latency = (now - scheduled).max(1) as u64;
+        let _ = self.histogram.record(latency.min(60_000_000_000));
+    }
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts one observer; returns once it is subscribed.
+async fn observe(
+    observer: &Observer,
+    building: &str,
+    arrivals: Shared<Arrivals>,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, LoadError> {
+    let nats_err = |e: &dyn std::fmt::Display| LoadError::Nats(e.to_string());
+    match &observer.at {
+        Observe::Nats { url, subject } => {
+            let nats = async_nats::connect(url).await.map_err(|e| nats_err(&e))?;
+            let mut subscription = nats
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| nats_err(&e))?;
+            nats.flush().await.map_err(|e| nats_err(&e))?;
+            Ok(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        m = subscription.next() => match m {
+                            Some(m) => lock(&arrivals).record(&m.payload),
+                            None => break,
+                        },
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            }))
+        }
+        Observe::JetStream {
+            url,
+            stream,
+            subject,
+        } => {
+            let nats = async_nats::connect(url).await.map_err(|e| nats_err(&e))?;
+            let js = async_nats::jetstream::new(nats.clone());
+            let stream = js.get_stream(stream).await.map_err(|e| nats_err(&e))?;
+            let consumer = stream
+                .create_consumer(async_nats::jetstream::consumer::push::OrderedConfig {
+                    deliver_subject: nats.new_inbox(),
+                    filter_subject: subject.clone(),
+                    deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::New,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| nats_err(&e))?;
+            let mut messages = consumer.messages().await.map_err(|e| nats_err(&e))?;
+            Ok(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        m = messages.next() => match m {
+                            Some(Ok(m)) => lock(&arrivals).record(&m.payload),
+                            Some(Err(e)) => tracing::warn!(error = %e, "JetStream observer"),
+                            None => break,
+                        },
+                        _ = stop.cancelled() => break,
+                    }
+                }
+            }))
+        }
+        Observe::Mqtt { host, port, topic } => {
+            let mut options = MqttOptions::new(format!("{building}-observer"), host.clone(), *port);
+            options.set_keep_alive(Duration::from_secs(30));
+            options.set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut eventloop) = AsyncClient::new(options, 64);
+            client
+                .subscribe(topic.clone(), QoS::AtMostOnce)
+                .await
+                .map_err(|e| LoadError::Mqtt(e.to_string()))?;
+            // Wait for the SUBACK so nothing published afterwards is missed.
+            let subscribed = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Incoming::SubAck(_))) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            })
+            .await
+            .map_err(|_| LoadError::Mqtt("no SUBACK within 10 s".into()))?;
+            subscribed.map_err(LoadError::Mqtt)?;
+            Ok(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        event = eventloop.poll() => match event {
+                            Ok(Event::Incoming(Incoming::Publish(p))) => lock(&arrivals).record(&p.payload),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "MQTT observer");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        },
+                        _ = stop.cancelled() => break,
+                    }
+                }
+                let _ = client.try_disconnect();
+            }))
+        }
+    }
+}
+
+/// When the schedule starts (monotonic and wall clock).
+#[derive(Debug, Clone, Copy)]
+struct Start {
+    at: Instant,
+    wall: SystemTime,
+}
+
+/// What every device task shares.
+#[derive(Clone)]
+struct Common {
+    sent: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+    reconnects: Arc<AtomicU64>,
+    connected: Arc<AtomicUsize>,
+    connected_changed: Arc<tokio::sync::Notify>,
+    go: watch::Receiver<Option<Start>>,
+    interval: Duration,
+    duration: Duration,
+    qos: u8,
+    payload_bytes: usize,
+    devices: u32,
+}
+
+impl Common {
+    fn first_send(&self, start: Start, index: u32) -> Instant {
+        start.at
+            + self
+                .interval
+                .mul_f64(f64::from(index) / f64::from(self.devices))
+    }
+}
+
+/// One MQTT device: connect, wait for the start, publish on schedule; returns its PUBACK
+/// latency histogram.
+async fn mqtt_device(
+    common: Common,
+    index: u32,
+    id: DeviceId,
+    topic: String,
+    mut options: MqttOptions,
+) -> Histogram<u64> {
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    // Latency-sensitive devices disable Nagle's algorithm; otherwise the client's own send
+    // coalescing, not the broker, would dominate QoS 0 latency.
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    let qos = if common.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let mut acks = histogram();
+    let mut go = common.go.clone();
+    let mut connected = false;
+    let mut ever_connected = false;
+    let mut schedule: Option<(Start, Instant, Instant)> = None; // (start, first, end)
+    let mut seq = 0u64;
+    let mut next = Instant::now();
+    // Scheduled times of publishes handed to the client, then by packet id once sent.
+    let mut queued: VecDeque<i128> = VecDeque::new();
+    let mut by_pkid: HashMap<u16, i128> = HashMap::new();
+    loop {
+        let sending = schedule.is_some_and(|(_, _, end)| next < end) && connected;
+        let finished = schedule.map(|(_, _, end)| end + Duration::from_secs(2));
+        tokio::select! {
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    connected = true;
+                    if ever_connected {
+                        common.reconnects.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        ever_connected = true;
+                        common.connected.fetch_add(1, Ordering::Relaxed);
+                        common.connected_changed.notify_one();
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) if common.qos > 0 => {
+                    if let Some(scheduled) = queued.pop_front() {
+                        by_pkid.insert(pkid, scheduled);
+                    }
+                }
+                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                    common.acked.fetch_add(1, Ordering::Relaxed);
+                    if let Some(scheduled) = by_pkid.remove(&ack.pkid) {
+                        let latency = (nanos(SystemTime::now()) - scheduled).max(1) as u64;
+                        let _ = acks.record(latency.min(60_000_000_000));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    connected = false;
+                    queued.clear();
+                    by_pkid.clear();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            },
+            changed = go.changed(), if schedule.is_none() => {
+                if changed.is_err() {
+                    break;
+                }
+                if let Some(start) = *go.borrow_and_update() {
+                    let first = common.first_send(start, index);
+                    next = first;
+                    schedule = Some((start, first, start.at + common.duration));
+                }
+            }
+            _ = tokio::time::sleep_until(next), if sending => {
+                let Some((start, first, _)) = schedule else { continue };
+                seq += 1;
+                let scheduled = start.wall + (next - start.at);
+                let payload = envelope(&id, seq, scheduled, common.payload_bytes);
+                if client.try_publish(topic.clone(), qos, false, payload).is_ok() {
+                    common.sent.fetch_add(1, Ordering::Relaxed);
+                    if common.qos > 0 {
+                        queued.push_back(nanos(scheduled));
+                    }
+                }
+                next = first + common.interval.mul_f64(seq as f64);
+            }
+            _ = tokio::time::sleep_until(finished.unwrap_or_else(Instant::now)), if finished.is_some() && !sending => break,
+        }
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    acks
+}
+
+/// One device publishing straight to NATS.
+async fn nats_device(common: Common, index: u32, id: DeviceId, subject: String, url: String) {
+    let client = match async_nats::connect(&url).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, device = %id, "NATS load device could not connect");
+            return;
+        }
+    };
+    common.connected.fetch_add(1, Ordering::Relaxed);
+    common.connected_changed.notify_one();
+    let mut go = common.go.clone();
+    let start = loop {
+        if go.changed().await.is_err() {
+            return;
+        }
+        if let Some(start) = *go.borrow_and_update() {
+            break start;
+        }
+    };
+    let first = common.first_send(start, index);
+    let end = start.at + common.duration;
+    let mut next = first;
+    let mut seq = 0u64;
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        seq += 1;
+        let scheduled = start.wall + (next - start.at);
+        let payload = envelope(&id, seq, scheduled, common.payload_bytes);
+        if client
+            .publish(subject.clone(), payload.into())
+            .await
+            .is_ok()
+        {
+            common.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        next = first + common.interval.mul_f64(seq as f64);
+    }
+    let _ = client.flush().await;
 }
 
 /// Runs the load and measures it.
@@ -169,174 +630,150 @@ pub async fn run(
     if config.devices == 0 || config.rate == 0 {
         return Err(LoadError::Invalid("devices and rate must be positive"));
     }
+    if config.observers.is_empty() {
+        return Err(LoadError::Invalid("at least one observer is needed"));
+    }
     let building = BuildingId::new(config.building.clone())?;
-    let nats = async_nats::connect(&config.nats_url)
-        .await
-        .map_err(|e| LoadError::Nats(e.to_string()))?;
-    let filter = format!("lw.v1.up.{building}.*.telemetry");
-    let mut subscription = nats
-        .subscribe(filter)
-        .await
-        .map_err(|e| LoadError::Nats(e.to_string()))?;
-    nats.flush()
-        .await
-        .map_err(|e| LoadError::Nats(e.to_string()))?;
 
-    let arrivals = Arc::new(Mutex::new(Arrivals {
-        histogram: Histogram::new_with_bounds(1, 60_000_000_000, 3).ok(),
-        ..Default::default()
-    }));
-    let stop_receiving = CancellationToken::new();
-    let receiver = tokio::spawn({
-        let arrivals = arrivals.clone();
-        let stop = stop_receiving.clone();
-        async move {
-            loop {
-                let message = tokio::select! {
-                    m = subscription.next() => match m { Some(m) => m, None => break },
-                    _ = stop.cancelled() => break,
-                };
-                let now = nanos(SystemTime::now());
-                let Ok(envelope) = v1::Envelope::decode(message.payload.as_ref()) else {
-                    continue;
-                };
-                let scheduled = envelope
-                    .device_time
-                    .map_or(now, |t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
-                let mut arrivals = arrivals
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                arrivals.last_arrival_ns = now;
-                if !arrivals
-                    .seen
-                    .entry(envelope.device_id)
-                    .or_default()
-                    .insert(envelope.seq)
-                {
-                    arrivals.duplicates += 1;
-                    continue;
-                }
-                let latency = (now - scheduled).max(1) as u64;
-                if let Some(h) = arrivals.histogram.as_mut() {
-                    let _ = h.record(latency.min(60_000_000_000));
-                }
-            }
-        }
-    });
+    let stop_observing = CancellationToken::new();
+    let mut observers = Vec::new();
+    for observer in &config.observers {
+        let arrivals = Arc::new(Mutex::new(Arrivals::new()));
+        let task = observe(
+            observer,
+            building.as_str(),
+            arrivals.clone(),
+            stop_observing.clone(),
+        )
+        .await?;
+        observers.push((observer.name.clone(), arrivals, task));
+    }
 
-    let sent = Arc::new(AtomicU64::new(0));
-    let acked = Arc::new(AtomicU64::new(0));
-    let per_device_rate = config.rate as f64 / config.devices as f64;
-    let interval = Duration::from_secs_f64(1.0 / per_device_rate);
-    let start = Instant::now() + Duration::from_millis(500);
-    let start_wall = SystemTime::now() + Duration::from_millis(500);
-    let end = start + config.ramp_up + config.duration;
-    let qos = if config.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
+    let (go_tx, go_rx) = watch::channel(None);
+    let per_device_rate = f64::from(config.rate) / f64::from(config.devices);
+    let common = Common {
+        sent: Arc::new(AtomicU64::new(0)),
+        acked: Arc::new(AtomicU64::new(0)),
+        reconnects: Arc::new(AtomicU64::new(0)),
+        connected: Arc::new(AtomicUsize::new(0)),
+        connected_changed: Arc::new(tokio::sync::Notify::new()),
+        go: go_rx,
+        interval: Duration::from_secs_f64(1.0 / per_device_rate),
+        duration: config.duration,
+        qos: config.qos,
+        payload_bytes: config.payload_bytes,
+        devices: config.devices,
     };
     let mut devices = tokio::task::JoinSet::new();
     for d in 0..config.devices {
         let id = DeviceId::new(device_id(building.as_str(), d + 1))?;
-        let topic = Uplink {
+        let uplink = Uplink {
             building: building.clone(),
             device: id.clone(),
             kind: UplinkKind::Telemetry,
-        }
-        .mqtt_topic();
-        let offset = config.ramp_up.mul_f64(d as f64 / config.devices as f64);
-        let mut options = MqttOptions::new(id.as_str(), config.host.clone(), config.port);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_inflight(1000);
-        if let Some(secret) = config.secrets.as_ref().and_then(|s| s.get(id.as_str())) {
-            options.set_credentials(id.as_str(), secret.as_str());
-        }
-        let (client, mut eventloop) = AsyncClient::new(options, 1024);
-        let (sent, acked, payload_bytes) = (sent.clone(), acked.clone(), config.payload_bytes);
-        devices.spawn(async move {
-            let first = start + offset;
-            let mut seq = 0u64;
-            let mut next = first;
-            let mut connected = false;
-            loop {
-                tokio::select! {
-                    event = eventloop.poll() => match event {
-                        Ok(Event::Incoming(Incoming::ConnAck(_))) => connected = true,
-                        Ok(Event::Incoming(Incoming::PubAck(_))) => { acked.fetch_add(1, Ordering::Relaxed); }
-                        Ok(_) => {}
-                        Err(_) => {
-                            connected = false;
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    },
-                    _ = tokio::time::sleep_until(next), if next < end && connected => {
-                        seq += 1;
-                        let scheduled = start_wall + (next - start);
-                        let payload = envelope(&id, seq, scheduled, payload_bytes);
-                        if client.try_publish(topic.clone(), qos, false, payload).is_ok() {
-                            sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        next = first + interval.mul_f64(seq as f64);
-                    }
-                    _ = tokio::time::sleep_until(end + Duration::from_secs(2)), if next >= end => break,
+        };
+        let common = common.clone();
+        match &config.publisher {
+            Publisher::Mqtt {
+                host,
+                port,
+                secrets,
+            } => {
+                let mut options = MqttOptions::new(id.as_str(), host.clone(), *port);
+                if let Some(secret) = secrets.as_ref().and_then(|s| s.get(id.as_str())) {
+                    options.set_credentials(id.as_str(), secret.as_str());
                 }
+                let topic = uplink.mqtt_topic();
+                devices.spawn(mqtt_device(common, d, id, topic, options));
             }
-            let _ = client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
-        });
+            Publisher::Nats { url } => {
+                let (subject, url) = (uplink.nats_subject(), url.clone());
+                devices.spawn(async move {
+                    nats_device(common, d, id, subject, url).await;
+                    histogram()
+                });
+            }
+        }
     }
+
+    // Every device connected, then the schedule starts.
+    let deadline = Instant::now() + config.connect_timeout;
+    while common.connected.load(Ordering::Relaxed) < config.devices as usize {
+        if tokio::time::timeout_at(deadline, common.connected_changed.notified())
+            .await
+            .is_err()
+        {
+            stop_observing.cancel();
+            devices.abort_all();
+            return Err(LoadError::Connect {
+                connected: common.connected.load(Ordering::Relaxed),
+                devices: config.devices,
+                timeout: config.connect_timeout,
+            });
+        }
+    }
+    let start = Start {
+        at: Instant::now() + Duration::from_millis(200),
+        wall: SystemTime::now() + Duration::from_millis(200),
+    };
+    let _ = go_tx.send(Some(start));
+    let end = start.at + config.duration;
+
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < end {
         ticker.tick().await;
-        let received: usize = arrivals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .seen
-            .values()
-            .map(HashSet::len)
-            .sum();
+        let received: Vec<String> = observers
+            .iter()
+            .map(|(name, a, _)| format!("{name} {}", lock(a).received))
+            .collect();
         progress(&format!(
-            "sent {} acked {} received {}",
-            sent.load(Ordering::Relaxed),
-            acked.load(Ordering::Relaxed),
-            received
+            "sent {} acked {} received: {}",
+            common.sent.load(Ordering::Relaxed),
+            common.acked.load(Ordering::Relaxed),
+            received.join(", ")
         ));
     }
-    while devices.join_next().await.is_some() {}
-    tokio::time::sleep(config.drain).await;
-    stop_receiving.cancel();
-    let _ = receiver.await;
-
-    let arrivals = arrivals
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let received: u64 = arrivals.seen.values().map(|s| s.len() as u64).sum();
-    let sent = sent.load(Ordering::Relaxed);
-    let window = config.ramp_up + config.duration;
-    let ms = |q: f64| {
-        arrivals
-            .histogram
-            .as_ref()
-            .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1e6)
-    };
+    let mut acks = histogram();
+    while let Some(done) = devices.join_next().await {
+        if let Ok(h) = done {
+            let _ = acks.add(&h);
+        }
+    }
+    // Wait for stragglers: until every observer has everything, or the drain limit.
+    let sent = common.sent.load(Ordering::Relaxed);
+    let drain_until = Instant::now() + config.drain;
+    while Instant::now() < drain_until && observers.iter().any(|(_, a, _)| lock(a).received < sent)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_observing.cancel();
+    let start_ns = nanos(start.wall);
+    let mut tiers = Vec::new();
+    for (name, arrivals, task) in observers {
+        let _ = task.await;
+        let a = lock(&arrivals);
+        let span_s =
+            ((a.last_arrival_ns - start_ns) as f64 / 1e9).max(config.duration.as_secs_f64());
+        tiers.push(Tier {
+            name,
+            received: a.received,
+            lost: sent.saturating_sub(a.received),
+            duplicates: a.duplicates,
+            achieved_rate: a.received as f64 / span_s,
+            latency: Latency::of(&a.histogram),
+        });
+    }
+    let mqtt_qos1 = config.qos > 0 && matches!(config.publisher, Publisher::Mqtt { .. });
     Ok(LoadReport {
         devices: config.devices,
         target_rate: config.rate,
         qos: config.qos,
         payload_bytes: config.payload_bytes,
         sent,
-        acked: acked.load(Ordering::Relaxed),
-        received,
-        lost: sent.saturating_sub(received),
-        duplicates: arrivals.duplicates,
-        achieved_rate: received as f64 / window.as_secs_f64(),
-        p50_ms: ms(0.5),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-        max_ms: arrivals
-            .histogram
-            .as_ref()
-            .map_or(0.0, |h| h.max() as f64 / 1e6),
+        offered_rate: sent as f64 / config.duration.as_secs_f64(),
+        acked: common.acked.load(Ordering::Relaxed),
+        ack_latency: mqtt_qos1.then(|| Latency::of(&acks)),
+        reconnects: common.reconnects.load(Ordering::Relaxed),
+        tiers,
     })
 }

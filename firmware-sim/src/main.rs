@@ -57,12 +57,14 @@ enum Command {
         /// Seconds of sending.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Seconds over which devices start.
-        #[arg(long, default_value_t = 2)]
-        ramp_up: u64,
         /// NATS server where messages are expected.
         #[arg(long, default_value = "nats://127.0.0.1:4222")]
         nats_url: String,
+        /// NATS subject filter where messages are expected (default: the gateway's uplink
+        /// subjects of the load building; nats-server's own MQTT listener maps topics to
+        /// `lw.v1.{building}.*.up.telemetry` instead).
+        #[arg(long)]
+        subject: Option<String>,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -227,24 +229,38 @@ fn main() -> ExitCode {
             qos,
             payload_bytes,
             seconds,
-            ramp_up,
             nats_url,
+            subject,
             json,
             no_auth,
         } => {
-            let settings = liftwire_firmware_sim::load::LoadConfig {
-                host: config.mqtt.host.clone(),
-                port: config.mqtt.port,
-                nats_url,
+            use liftwire_firmware_sim::load::{LoadConfig, Observe, Observer, Publisher};
+            let building = format!("{}-load", config.fleet.id_prefix);
+            let observer = match subject {
+                Some(subject) => Observer {
+                    name: "nats".into(),
+                    at: Observe::Nats {
+                        url: nats_url,
+                        subject,
+                    },
+                },
+                None => Observer::gateway_subjects(&nats_url, &building),
+            };
+            let settings = LoadConfig {
+                publisher: Publisher::Mqtt {
+                    host: config.mqtt.host.clone(),
+                    port: config.mqtt.port,
+                    secrets: None,
+                },
+                observers: vec![observer],
                 devices,
                 rate,
                 qos,
                 payload_bytes,
                 duration: Duration::from_secs(seconds),
-                ramp_up: Duration::from_secs(ramp_up),
-                building: format!("{}-load", config.fleet.id_prefix),
-                secrets: None,
-                drain: Duration::from_secs(2),
+                building,
+                connect_timeout: Duration::from_secs(60),
+                drain: Duration::from_secs(5),
             };
             return block_on(load(settings, config, json, no_auth));
         }
@@ -455,7 +471,11 @@ async fn load(
                 }
             }
         }
-        settings.secrets = Some(secrets);
+        if let liftwire_firmware_sim::load::Publisher::Mqtt { secrets: s, .. } =
+            &mut settings.publisher
+        {
+            *s = Some(secrets);
+        }
     }
     match liftwire_firmware_sim::load::run(settings, |line| eprintln!("{line}")).await {
         Ok(report) => {
