@@ -6,11 +6,24 @@
 #   mosquitto-clients (mosquitto_pub / mosquitto_sub for manual and integration tests)
 #   s3s-fs 0.14.1     (S3-compatible server that verifies SigV4, via cargo install)
 #
+# With --bench, also what the MQTT benchmark compares against (nothing else needs it):
+#
+#   mosquitto         (Debian package; the pure-MQTT-broker baseline; its system service is not
+#                      used, the benchmark starts its own instance)
+#
 # Idempotent: every step first checks whether the tool is already there and says what it does.
 # Needs root (or sudo) only when a Debian package is missing.
 set -euo pipefail
 
 say() { printf '[setup] %s\n' "$*"; }
+
+bench=0
+for arg in "$@"; do
+  case $arg in
+    --bench) bench=1 ;;
+    *) say "unknown argument $arg (usage: deploy/setup.sh [--bench])"; exit 2 ;;
+  esac
+done
 
 S3S_FS_VERSION=0.14.1
 
@@ -27,6 +40,9 @@ command -v nats-server >/dev/null 2>&1 || missing_pkgs+=(nats-server)
 pg_bin_dir >/dev/null || missing_pkgs+=(postgresql)
 command -v psql >/dev/null 2>&1 || missing_pkgs+=(postgresql-client)
 command -v mosquitto_pub >/dev/null 2>&1 || missing_pkgs+=(mosquitto-clients)
+if ((bench)); then
+  command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || missing_pkgs+=(mosquitto)
+fi
 
 if ((${#missing_pkgs[@]})); then
   sudo=()

@@ -15,7 +15,7 @@
 
 mod nats;
 mod postgres;
-mod process;
+pub mod process;
 mod s3;
 
 pub use nats::Nats;

@@ -90,6 +90,11 @@ impl ServerProcess {
         })
     }
 
+    /// The process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process has exited.
     pub fn exited(&mut self) -> bool {
         match self.child.as_mut() {

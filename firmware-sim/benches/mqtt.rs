@@ -1,0 +1,1136 @@
+//! The gateway side by side with nats-server's own MQTT listener, in one run (a measurement, not
+//! a timed test).
+//!
+//! ```text
+//! cargo bench -p liftwire-firmware-sim --bench mqtt
+//! cargo bench -p liftwire-firmware-sim --bench mqtt -- --devices 100,1000 --rates 10000,20000,40000,80000 --seconds 2 --repeat 2
+//! ```
+//!
+//! Systems, each on fresh processes for every (devices, QoS) series, pinned with `taskset` to the
+//! system-under-test cores (`--sut-cpus`, default 0) while this process, the load generator and
+//! every observer, runs on the others (`--load-cpus`, default 1):
+//!
+//! * **raw NATS**: devices publish straight to nats-server (the ceiling of the NATS side; QoS 0
+//!   only), plus one publisher → one subscriber blast for the pure pub/sub ceiling;
+//! * **mosquitto**: a pure MQTT broker, observed by an MQTT subscriber (skipped if `mosquitto` is
+//!   not installed: `deploy/setup.sh --bench` installs it);
+//! * **native**: nats-server with JetStream and its built-in MQTT listener, observed on the NATS
+//!   subjects it maps topics to and, for QoS 1, in its `$MQTT_msgs` stream;
+//! * **gateway**: the liftwire gateway (this benchmark's own binary re-executed as the gateway,
+//!   same library and release profile as `liftwire-gateway`) with device authentication against
+//!   its PostgreSQL registry, in front of a plain nats-server with JetStream; observed on the
+//!   bridged subjects and, once stored, in the `LW_UPLINK` stream. Both share the SUT cores.
+//!
+//! Workload: `liftwire-firmware-sim`'s load mode (see `load.rs`): N devices, one connection each,
+//! ~200-byte telemetry envelopes, open loop at a fixed total rate, latency from the scheduled
+//! send time to arrival, loss from per-device sequence numbers, PUBACK latency for QoS 1. Rates
+//! step up until a step loses messages, falls behind (arrival rate below 95% of the send rate)
+//! or the generator itself cannot keep the rate.
+//!
+//! Also per system: CPU seconds of the SUT processes per 10k messages (at the first rate), RSS per
+//! 1,000 idle connections, and a connect/disconnect storm: `--storm` (default 1000) QoS 1 clients
+//! connect at once and subscribe to their downlink, all disconnect at once, then all reconnect at
+//! once; failures and the time until every client is back are reported.
+
+// A failed setup (server start, provisioning) aborts the benchmark: panicking is the intended
+// failure mode here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use liftwire_firmware_sim::load::{self, LoadConfig, LoadReport, Observe, Observer, Publisher};
+use liftwire_gateway::acl::DeviceKind;
+use liftwire_gateway::registry::{self, Registry};
+use liftwire_proto::naming::{BuildingId, DeviceId};
+use liftwire_testkit::process::{find_binary, free_port, wait_for_port, ServerProcess};
+use liftwire_testkit::Postgres;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, Incoming, MqttOptions, QoS, SubscribeReasonCode,
+};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+const USAGE: &str = "usage: cargo bench -p liftwire-firmware-sim --bench mqtt -- \
+    [--devices 100,1000] [--rates 10000,20000,40000,80000] [--qos 0,1] [--seconds 2] [--repeat 2] \
+    [--systems raw,mosquitto,native,gateway] [--storm 1000] [--payload-bytes 200] \
+    [--sut-cpus 0] [--load-cpus 1]";
+
+/// The building all benchmark devices belong to.
+const BUILDING: &str = "bench";
+/// Linux's USER_HZ (clock ticks per second in /proc/*/stat).
+const CLOCK_TICKS: f64 = 100.0;
+/// Longest a storm phase may take before it is reported as not recovered.
+const STORM_LIMIT: Duration = Duration::from_secs(60);
+/// Messages in the raw pub→sub blast.
+const BLAST_MESSAGES: u64 = 1_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum System {
+    Raw,
+    Mosquitto,
+    Native,
+    Gateway,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Raw => "raw NATS",
+            System::Mosquitto => "mosquitto",
+            System::Native => "nats-server MQTT",
+            System::Gateway => "liftwire gateway",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "raw" => System::Raw,
+            "mosquitto" => System::Mosquitto,
+            "native" => System::Native,
+            "gateway" => System::Gateway,
+            _ => return None,
+        })
+    }
+}
+
+struct Args {
+    devices: Vec<u32>,
+    rates: Vec<u32>,
+    qos: Vec<u8>,
+    seconds: u64,
+    repeat: usize,
+    systems: Vec<System>,
+    storm: u32,
+    payload_bytes: usize,
+    sut_cpus: String,
+    load_cpus: String,
+}
+
+fn list<T: std::str::FromStr>(value: &str) -> Vec<T> {
+    value
+        .split(',')
+        .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{USAGE}")))
+        .collect()
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Args {
+    let mut parsed = Args {
+        devices: vec![100, 1000],
+        rates: vec![10_000, 20_000, 40_000, 80_000],
+        qos: vec![0, 1],
+        seconds: 2,
+        repeat: 2,
+        systems: vec![
+            System::Raw,
+            System::Mosquitto,
+            System::Native,
+            System::Gateway,
+        ],
+        storm: 1000,
+        payload_bytes: 200,
+        sut_cpus: "0".into(),
+        load_cpus: "1".into(),
+    };
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{USAGE}"));
+        match flag.as_str() {
+            "--devices" => parsed.devices = list(&value()),
+            "--rates" => parsed.rates = list(&value()),
+            "--qos" => parsed.qos = list(&value()),
+            "--seconds" => parsed.seconds = value().parse().expect(USAGE),
+            "--repeat" => parsed.repeat = value().parse::<usize>().expect(USAGE).max(1),
+            "--systems" => {
+                parsed.systems = value()
+                    .split(',')
+                    .map(|s| System::parse(s.trim()).unwrap_or_else(|| panic!("{USAGE}")))
+                    .collect()
+            }
+            "--storm" => parsed.storm = value().parse().expect(USAGE),
+            "--payload-bytes" => parsed.payload_bytes = value().parse().expect(USAGE),
+            "--sut-cpus" => parsed.sut_cpus = value(),
+            "--load-cpus" => parsed.load_cpus = value(),
+            // cargo bench passes --bench to harness-less benchmarks.
+            "--bench" => {}
+            _ => panic!("unknown argument {flag}\n{USAGE}"),
+        }
+    }
+    parsed
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("--serve-gateway") {
+        // Child mode: this binary is the gateway under test.
+        let config = args.nth(1).map(PathBuf::from);
+        let config = match liftwire_runtime::service::load_config::<liftwire_gateway::Gateway>(
+            config.as_deref(),
+        ) {
+            Ok(config) => config,
+            Err(code) => return code,
+        };
+        return liftwire_runtime::service::block_on(liftwire_runtime::service::serve::<
+            liftwire_gateway::Gateway,
+        >(config));
+    }
+    let args = parse_args(args);
+    // Pin the load generator before the runtime starts, so every worker thread inherits it.
+    let pinned = Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &args.load_cpus,
+            &std::process::id().to_string(),
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(bench(args, pinned));
+    ExitCode::SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process statistics.
+
+/// utime + stime of `pid` (all its threads), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the state field.
+    (ticks(11) + ticks(12)) as f64 / CLOCK_TICKS
+}
+
+/// Resident set size of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{model}; CPUs online {}; this process may use {cores}; Linux {}",
+        online.trim(),
+        kernel.trim()
+    )
+}
+
+fn version(binary: &Path, flag: &str) -> String {
+    Command::new(binary)
+        .arg(flag)
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
+            text.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Systems under test.
+
+/// A running system under test.
+struct Sut {
+    processes: Vec<ServerProcess>,
+    publisher: Publisher,
+    observers: Vec<Observer>,
+    /// Core NATS URL, when there is a NATS server.
+    mqtt: Option<SocketAddr>,
+    _dir: TempDir,
+}
+
+impl Sut {
+    fn pids(&self) -> Vec<u32> {
+        self.processes
+            .iter()
+            .filter_map(ServerProcess::id)
+            .collect()
+    }
+
+    fn cpu(&self) -> f64 {
+        self.pids().into_iter().map(cpu_seconds).sum()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.pids().into_iter().map(rss_kib).sum()
+    }
+}
+
+/// What every system needs.
+struct Env {
+    sut_cpus: String,
+    nats_server: PathBuf,
+    mosquitto: Option<PathBuf>,
+    /// The gateway's registry database and the provisioned secrets.
+    registry_url: String,
+    secrets: HashMap<String, String>,
+    _postgres: Postgres,
+}
+
+fn pinned(env: &Env, binary: &Path) -> Command {
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c").arg(&env.sut_cpus).arg(binary);
+    cmd
+}
+
+fn start_nats(env: &Env, dir: &Path, mqtt_port: Option<u16>) -> (ServerProcess, u16) {
+    let port = free_port().unwrap();
+    let mqtt = mqtt_port
+        .map(|p| format!("mqtt {{\n  listen: \"127.0.0.1:{p}\"\n}}\n"))
+        .unwrap_or_default();
+    let config = dir.join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "server_name: liftwire_bench\nlisten: \"127.0.0.1:{port}\"\nmax_payload: 1MB\n\
+             jetstream {{\n  store_dir: {:?}\n  max_memory_store: 1GB\n  max_file_store: 8GB\n}}\n{mqtt}",
+            dir.join("jetstream")
+        ),
+    )
+    .unwrap();
+    let mut cmd = pinned(env, &env.nats_server);
+    cmd.arg("--config").arg(&config);
+    let mut process =
+        ServerProcess::spawn(cmd, &dir.join("nats.log"), None, libc::SIGTERM).unwrap();
+    for p in std::iter::once(port).chain(mqtt_port) {
+        wait_for_port(
+            "nats-server",
+            &mut process,
+            SocketAddr::from(([127, 0, 0, 1], p)),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    }
+    (process, port)
+}
+
+fn nats_observer(url: &str, subject: String) -> Observer {
+    Observer {
+        name: "nats".into(),
+        at: Observe::Nats {
+            url: url.into(),
+            subject,
+        },
+    }
+}
+
+fn jetstream_observer(url: &str, stream: &str, subject: String) -> Observer {
+    Observer {
+        name: "jetstream".into(),
+        at: Observe::JetStream {
+            url: url.into(),
+            stream: stream.into(),
+            subject,
+        },
+    }
+}
+
+async fn start(env: &Env, system: System, qos: u8) -> Sut {
+    let dir = tempfile::Builder::new()
+        .prefix("liftwire-mqtt-bench-")
+        .tempdir()
+        .unwrap();
+    match system {
+        System::Raw => {
+            let (nats, port) = start_nats(env, dir.path(), None);
+            let url = format!("nats://127.0.0.1:{port}");
+            Sut {
+                processes: vec![nats],
+                publisher: Publisher::Nats { url: url.clone() },
+                observers: vec![nats_observer(
+                    &url,
+                    format!("lw.v1.up.{BUILDING}.*.telemetry"),
+                )],
+                mqtt: None,
+                _dir: dir,
+            }
+        }
+        System::Mosquitto => {
+            let port = free_port().unwrap();
+            let config = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     max_queued_messages 100000\nmax_inflight_messages 1000\nlog_type error\n"
+                ),
+            )
+            .unwrap();
+            let binary = env.mosquitto.clone().expect("mosquitto is installed");
+            let mut cmd = pinned(env, &binary);
+            cmd.arg("-c").arg(&config);
+            let mut process =
+                ServerProcess::spawn(cmd, &dir.path().join("mosquitto.log"), None, libc::SIGTERM)
+                    .unwrap();
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            wait_for_port("mosquitto", &mut process, addr, Duration::from_secs(30)).unwrap();
+            Sut {
+                processes: vec![process],
+                publisher: Publisher::Mqtt {
+                    host: "127.0.0.1".into(),
+                    port,
+                    secrets: None,
+                },
+                observers: vec![Observer {
+                    name: "mqtt".into(),
+                    at: Observe::Mqtt {
+                        host: "127.0.0.1".into(),
+                        port,
+                        topic: format!("lw/v1/{BUILDING}/+/up/telemetry"),
+                    },
+                }],
+                mqtt: Some(addr),
+                _dir: dir,
+            }
+        }
+        System::Native => {
+            let mqtt_port = free_port().unwrap();
+            let (nats, port) = start_nats(env, dir.path(), Some(mqtt_port));
+            let url = format!("nats://127.0.0.1:{port}");
+            let mut observers = vec![nats_observer(
+                &url,
+                format!("lw.v1.{BUILDING}.*.up.telemetry"),
+            )];
+            if qos > 0 {
+                // nats-server creates its MQTT streams with the first MQTT connection.
+                ensure_native_streams(mqtt_port).await;
+                observers.push(jetstream_observer(
+                    &url,
+                    "$MQTT_msgs",
+                    format!("$MQTT.msgs.lw.v1.{BUILDING}.*.up.telemetry"),
+                ));
+            }
+            Sut {
+                processes: vec![nats],
+                publisher: Publisher::Mqtt {
+                    host: "127.0.0.1".into(),
+                    port: mqtt_port,
+                    secrets: None,
+                },
+                observers,
+                mqtt: Some(SocketAddr::from(([127, 0, 0, 1], mqtt_port))),
+                _dir: dir,
+            }
+        }
+        System::Gateway => {
+            let (nats, port) = start_nats(env, dir.path(), None);
+            let url = format!("nats://127.0.0.1:{port}");
+            let mqtt_port = free_port().unwrap();
+            let config = dir.path().join("gateway.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "gateway_id = \"bench\"\n\
+                     [runtime.observability]\nlog_filter = \"warn\"\n\
+                     [nats]\nurl = \"{url}\"\n\
+                     [database]\nurl = \"{}\"\n\
+                     [mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
+                     rate_limit_per_second = 1000000.0\nrate_limit_burst = 1000000.0\n",
+                    env.registry_url
+                ),
+            )
+            .unwrap();
+            let mut cmd = pinned(env, &std::env::current_exe().unwrap());
+            cmd.arg("--serve-gateway").arg(&config);
+            let mut gateway =
+                ServerProcess::spawn(cmd, &dir.path().join("gateway.log"), None, libc::SIGTERM)
+                    .unwrap();
+            let addr = SocketAddr::from(([127, 0, 0, 1], mqtt_port));
+            wait_for_port("gateway", &mut gateway, addr, Duration::from_secs(30)).unwrap();
+            Sut {
+                processes: vec![gateway, nats],
+                publisher: Publisher::Mqtt {
+                    host: "127.0.0.1".into(),
+                    port: mqtt_port,
+                    secrets: Some(env.secrets.clone()),
+                },
+                observers: vec![
+                    nats_observer(&url, format!("lw.v1.up.{BUILDING}.*.telemetry")),
+                    jetstream_observer(
+                        &url,
+                        "LW_UPLINK",
+                        format!("lw.v1.up.{BUILDING}.*.telemetry"),
+                    ),
+                ],
+                mqtt: Some(addr),
+                _dir: dir,
+            }
+        }
+    }
+}
+
+/// Connects one MQTT client once, so that nats-server sets up its MQTT JetStream streams.
+async fn ensure_native_streams(port: u16) {
+    let options = MqttOptions::new("bench-setup", "127.0.0.1", port);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let connected = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        connected,
+        "nats-server's MQTT listener did not accept a client"
+    );
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements.
+
+/// One load run against a system.
+struct Point {
+    system: System,
+    devices: u32,
+    qos: u8,
+    rate: u32,
+    report: LoadReport,
+    /// SUT CPU seconds during the run.
+    cpu_s: f64,
+}
+
+impl Point {
+    /// The generator kept the rate (else the step says nothing about the system).
+    fn offered(&self) -> bool {
+        self.report.offered_rate >= 0.95 * f64::from(self.rate)
+    }
+
+    /// Every observer got every message, keeping up with the send rate.
+    fn held(&self) -> bool {
+        self.offered()
+            && self.report.tiers.iter().all(|t| {
+                t.lost == 0
+                    && t.duplicates == 0
+                    && t.achieved_rate >= 0.95 * self.report.offered_rate
+            })
+    }
+
+    fn cpu_per_10k(&self) -> f64 {
+        let received = self.report.primary().map_or(0, |t| t.received);
+        if received == 0 {
+            return f64::NAN;
+        }
+        self.cpu_s / received as f64 * 10_000.0
+    }
+}
+
+async fn run_point(
+    sut: &Sut,
+    system: System,
+    devices: u32,
+    qos: u8,
+    rate: u32,
+    seconds: u64,
+    payload_bytes: usize,
+) -> Option<Point> {
+    let config = LoadConfig {
+        publisher: sut.publisher.clone(),
+        observers: sut.observers.clone(),
+        devices,
+        rate,
+        qos,
+        payload_bytes,
+        duration: Duration::from_secs(seconds),
+        building: BUILDING.into(),
+        connect_timeout: Duration::from_secs(60),
+        drain: Duration::from_secs(5),
+    };
+    let before = sut.cpu();
+    match load::run(config, |_| {}).await {
+        Ok(report) => Some(Point {
+            system,
+            devices,
+            qos,
+            rate,
+            cpu_s: sut.cpu() - before,
+            report,
+        }),
+        Err(e) => {
+            eprintln!(
+                "  {} n={devices} qos{qos} {rate}/s: run failed: {e}",
+                system.name()
+            );
+            None
+        }
+    }
+}
+
+/// A connect/disconnect storm and the idle memory per connection.
+#[derive(Debug, Default)]
+struct Storm {
+    first: Phase,
+    reconnect: Phase,
+    kib_per_1k_idle: f64,
+}
+
+#[derive(Debug, Default)]
+struct Phase {
+    /// Failed connects or subscriptions (each retried after 500 ms).
+    failures: u64,
+    /// Until every client is connected and subscribed; `None` if not within the limit.
+    all_ready: Option<Duration>,
+}
+
+/// One storm client: connects, subscribes QoS 1 to its downlink, reports ready, holds the
+/// connection until `release`, then disconnects.
+async fn storm_client(
+    addr: SocketAddr,
+    id: String,
+    secret: Option<String>,
+    ready: Arc<AtomicUsize>,
+    failures: Arc<AtomicU64>,
+    release: CancellationToken,
+) {
+    let mut options = MqttOptions::new(id.clone(), addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_clean_session(true);
+    if let Some(secret) = secret {
+        options.set_credentials(id.clone(), secret);
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let topic = format!("lw/v1/{BUILDING}/{id}/down/+");
+    let mut is_ready = false;
+    loop {
+        tokio::select! {
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    if ack.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) {
+                        if !is_ready {
+                            is_ready = true;
+                            ready.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if is_ready {
+                        is_ready = false;
+                        ready.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    if !matches!(e, ConnectionError::RequestsDone) {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            },
+            _ = release.cancelled() => break,
+        }
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if eventloop.poll().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Starts `n` storm clients at once and waits until all are ready (or the limit).
+async fn storm_phase(
+    env: &Env,
+    addr: SocketAddr,
+    n: u32,
+    authenticated: bool,
+) -> (Phase, CancellationToken, tokio::task::JoinSet<()>) {
+    let ready = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let release = CancellationToken::new();
+    let mut clients = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for d in 1..=n {
+        let id = load::device_id(BUILDING, d);
+        let secret = authenticated
+            .then(|| env.secrets.get(&id).cloned())
+            .flatten();
+        clients.spawn(storm_client(
+            addr,
+            id,
+            secret,
+            ready.clone(),
+            failures.clone(),
+            release.clone(),
+        ));
+    }
+    let mut all_ready = None;
+    while started.elapsed() < STORM_LIMIT {
+        if ready.load(Ordering::Relaxed) >= n as usize {
+            all_ready = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (
+        Phase {
+            failures: failures.load(Ordering::Relaxed),
+            all_ready,
+        },
+        release,
+        clients,
+    )
+}
+
+async fn storm(env: &Env, sut: &Sut, n: u32, authenticated: bool) -> Storm {
+    let addr = sut.mqtt.expect("an MQTT system");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = sut.rss_kib();
+    let (first, release, mut clients) = storm_phase(env, addr, n, authenticated).await;
+    // Idle for a moment so buffers settle, then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = sut.rss_kib();
+    // Everyone disconnects at once, and comes back at once.
+    release.cancel();
+    while clients.join_next().await.is_some() {}
+    let (reconnect, release, mut clients) = storm_phase(env, addr, n, authenticated).await;
+    release.cancel();
+    while clients.join_next().await.is_some() {}
+    Storm {
+        first,
+        reconnect,
+        kib_per_1k_idle: (rss_idle.saturating_sub(rss_before)) as f64 / f64::from(n) * 1000.0,
+    }
+}
+
+/// One publisher blasting as fast as it can at one subscriber on a fresh nats-server: messages
+/// received per second, from the first publish to the last arrival.
+async fn blast(env: &Env, payload_bytes: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, port) = start_nats(env, dir.path(), None);
+    let url = format!("nats://127.0.0.1:{port}");
+    let subscriber = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(&url)
+        .await
+        .unwrap();
+    let mut subscription = subscriber.subscribe("bench.blast").await.unwrap();
+    subscriber.flush().await.unwrap();
+    let publisher = async_nats::connect(&url).await.unwrap();
+    let payload = bytes::Bytes::from(vec![7u8; payload_bytes]);
+    let started = Instant::now();
+    let receiving = tokio::spawn(async move {
+        let (mut n, mut last) = (0u64, Instant::now());
+        while n < BLAST_MESSAGES {
+            match tokio::time::timeout(Duration::from_secs(2), subscription.next()).await {
+                Ok(Some(_)) => {
+                    n += 1;
+                    last = Instant::now();
+                }
+                _ => break,
+            }
+        }
+        (n, last)
+    });
+    for _ in 0..BLAST_MESSAGES {
+        publisher
+            .publish("bench.blast", payload.clone())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let (received, last) = receiving.await.unwrap_or((0, started));
+    if received < BLAST_MESSAGES {
+        eprintln!(
+            "  raw blast: {} of {BLAST_MESSAGES} arrived (slow consumer)",
+            received
+        );
+    }
+    received as f64 / last.duration_since(started).as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run and the tables.
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn spread(values: &[f64]) -> String {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.is_empty() {
+        return "–".into();
+    }
+    let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} ({}–{})", ms(median(finite.clone())), ms(min), ms(max))
+}
+
+fn ms(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    format!("{:.1}k", v / 1000.0)
+}
+
+fn ratio(ours: f64, theirs: f64) -> String {
+    if ours.is_finite() && theirs.is_finite() && theirs > 0.0 {
+        format!("{:.2}×", ours / theirs)
+    } else {
+        "–".into()
+    }
+}
+
+async fn bench(args: Args, pinned: bool) {
+    let nats_server = find_binary("nats-server", &[]).unwrap_or_else(|e| panic!("{e}"));
+    let mosquitto = find_binary("mosquitto", &[PathBuf::from("/usr/sbin")]).ok();
+    let mut systems = args.systems.clone();
+    if mosquitto.is_none() && systems.contains(&System::Mosquitto) {
+        eprintln!("mosquitto is not installed: skipping that baseline (deploy/setup.sh --bench installs it)");
+        systems.retain(|s| *s != System::Mosquitto);
+    }
+
+    // The gateway's registry: every benchmark device provisioned once.
+    let postgres = Postgres::start().await.unwrap();
+    let registry_url = postgres.create_database("bench_registry").await.unwrap();
+    let pool = sqlx::PgPool::connect(&registry_url).await.unwrap();
+    registry::migrate(&pool).await.unwrap();
+    let registry = Registry::new(pool.clone(), Duration::from_secs(5));
+    let building = BuildingId::new(BUILDING).unwrap();
+    let most = args
+        .devices
+        .iter()
+        .copied()
+        .chain([args.storm])
+        .max()
+        .unwrap_or(0);
+    let mut secrets = HashMap::new();
+    for d in 1..=most {
+        let id = load::device_id(BUILDING, d);
+        let secret = registry
+            .provision(
+                &building,
+                &DeviceId::new(id.clone()).unwrap(),
+                DeviceKind::Elevator,
+            )
+            .await
+            .unwrap();
+        secrets.insert(id, secret);
+    }
+    pool.close().await;
+    let env = Env {
+        sut_cpus: args.sut_cpus.clone(),
+        nats_server: nats_server.clone(),
+        mosquitto: mosquitto.clone(),
+        registry_url,
+        secrets,
+        _postgres: postgres,
+    };
+
+    println!("## MQTT ingest: liftwire gateway vs nats-server's MQTT listener\n");
+    println!("- machine: {}", machine());
+    println!(
+        "- pinning: systems under test on CPU {}, load generator and observers on CPU {}{}",
+        args.sut_cpus,
+        args.load_cpus,
+        if pinned {
+            ""
+        } else {
+            " (taskset failed: NOT pinned)"
+        }
+    );
+    println!(
+        "- {}; {}",
+        version(&nats_server, "--version"),
+        mosquitto
+            .as_deref()
+            .map_or("mosquitto not installed".into(), |m| version(m, "-h"))
+    );
+    println!(
+        "- workload: {:?} devices, {}-byte telemetry envelopes, rates {:?} msg/s for {} s each, {} repetition(s)\n",
+        args.devices, args.payload_bytes, args.rates, args.seconds, args.repeat
+    );
+
+    let mut points: Vec<Point> = Vec::new();
+    for &system in &systems {
+        for &devices in &args.devices {
+            for &qos in &args.qos {
+                if system == System::Raw && qos > 0 {
+                    continue;
+                }
+                let sut = start(&env, system, qos).await;
+                for &rate in &args.rates {
+                    let mut step = Vec::new();
+                    for _ in 0..args.repeat {
+                        if let Some(point) = run_point(
+                            &sut,
+                            system,
+                            devices,
+                            qos,
+                            rate,
+                            args.seconds,
+                            args.payload_bytes,
+                        )
+                        .await
+                        {
+                            eprintln!(
+                                "  {:<17} n={devices:<5} qos{qos} {rate:>6}/s: offered {:>7.0}/s, {} {}",
+                                system.name(),
+                                point.report.offered_rate,
+                                point.report.tiers.iter().map(|t| format!("{} lost {} p99 {:.1} ms", t.name, t.lost, t.latency.p99_ms)).collect::<Vec<_>>().join("; "),
+                                if point.held() { "held" } else if !point.offered() { "GENERATOR LIMIT" } else { "FAILED" }
+                            );
+                            step.push(point);
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let held = step.iter().filter(|p| p.held()).count() * 2 > step.len();
+                    let generator_limited = step.iter().any(|p| !p.offered());
+                    points.extend(step);
+                    if !held || generator_limited {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    let mut storms = Vec::new();
+    for &system in &systems {
+        if system == System::Raw {
+            continue;
+        }
+        let sut = start(&env, system, 1).await;
+        let result = storm(&env, &sut, args.storm, system == System::Gateway).await;
+        eprintln!("  {:<17} storm: {result:?}", system.name());
+        if result.first.failures + result.reconnect.failures > 0 {
+            for process in &sut.processes {
+                eprintln!("    log tail:\n{}", process.log_tail(15));
+            }
+        }
+        storms.push((system, result));
+    }
+    let blast_rate = if systems.contains(&System::Raw) {
+        Some(blast(&env, args.payload_bytes).await)
+    } else {
+        None
+    };
+
+    print_tables(&args, &systems, &points, &storms, blast_rate);
+}
+
+fn print_tables(
+    args: &Args,
+    systems: &[System],
+    points: &[Point],
+    storms: &[(System, Storm)],
+    blast_rate: Option<f64>,
+) {
+    let series = |system: System, devices: u32, qos: u8| -> Vec<&Point> {
+        points
+            .iter()
+            .filter(|p| p.system == system && p.devices == devices && p.qos == qos)
+            .collect()
+    };
+    // Highest rate at which the majority of repetitions held.
+    let max_lossless = |s: &[&Point]| -> f64 {
+        let mut best = f64::NAN;
+        for &rate in &args.rates {
+            let at: Vec<&&Point> = s.iter().filter(|p| p.rate == rate).collect();
+            if at.is_empty() {
+                break;
+            }
+            if at.iter().filter(|p| p.held()).count() * 2 > at.len() {
+                best = median(at.iter().map(|p| p.report.offered_rate).collect());
+            } else {
+                break;
+            }
+        }
+        best
+    };
+    let limited = |s: &[&Point]| s.iter().any(|p| !p.offered());
+
+    println!(
+        "### Max lossless throughput (msg/s; highest step that held, rates {:?})\n",
+        args.rates
+    );
+    println!(
+        "| devices | QoS | {} | gateway / native |",
+        systems
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|---|{}---|", "--:|".repeat(systems.len()));
+    for &devices in &args.devices {
+        for &qos in &args.qos {
+            let mut cells = Vec::new();
+            let mut by: HashMap<System, f64> = HashMap::new();
+            for &system in systems {
+                let s = series(system, devices, qos);
+                if s.is_empty() {
+                    cells.push("–".to_owned());
+                    continue;
+                }
+                let best = max_lossless(&s);
+                by.insert(system, best);
+                let top = args.rates.last().copied().unwrap_or(0);
+                let suffix = if limited(&s) {
+                    " (generator limit)"
+                } else if s.iter().any(|p| p.rate == top && p.held()) {
+                    "+"
+                } else {
+                    ""
+                };
+                cells.push(format!("{}{suffix}", thousands(best)));
+            }
+            println!(
+                "| {devices} | {qos} | {} | {} |",
+                cells.join(" | "),
+                ratio(
+                    by.get(&System::Gateway).copied().unwrap_or(f64::NAN),
+                    by.get(&System::Native).copied().unwrap_or(f64::NAN)
+                )
+            );
+        }
+    }
+    if let Some(rate) = blast_rate {
+        println!(
+            "\nRaw NATS, one publisher → one subscriber as fast as possible: {} msg/s.",
+            thousands(rate)
+        );
+    }
+
+    let first_rate = args.rates.first().copied().unwrap_or(0);
+    println!("\n### Latency at {first_rate} msg/s (ms from scheduled send; median of repetitions, min–max)\n");
+    println!("| devices | QoS | system | observed at | p50 | p99 | p99.9 | PUBACK p99 |");
+    println!("|---|---|---|---|--:|--:|--:|--:|");
+    for &devices in &args.devices {
+        for &qos in &args.qos {
+            for &system in systems {
+                let at: Vec<&Point> = series(system, devices, qos)
+                    .into_iter()
+                    .filter(|p| p.rate == first_rate)
+                    .collect();
+                let Some(first) = at.first() else { continue };
+                for (i, tier) in first.report.tiers.iter().enumerate() {
+                    let values = |f: fn(&load::Latency) -> f64| -> Vec<f64> {
+                        at.iter()
+                            .filter_map(|p| p.report.tiers.get(i))
+                            .map(|t| f(&t.latency))
+                            .collect()
+                    };
+                    let ack: Vec<f64> = at
+                        .iter()
+                        .filter_map(|p| p.report.ack_latency.map(|l| l.p99_ms))
+                        .collect();
+                    println!(
+                        "| {devices} | {qos} | {} | {} | {} | {} | {} | {} |",
+                        system.name(),
+                        tier.name,
+                        spread(&values(|l| l.p50_ms)),
+                        spread(&values(|l| l.p99_ms)),
+                        spread(&values(|l| l.p999_ms)),
+                        if i == 0 && !ack.is_empty() {
+                            spread(&ack)
+                        } else {
+                            "".into()
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    println!("\n### Cost and robustness\n");
+    println!("| system | CPU s per 10k msgs (QoS 0 / QoS 1, {} devices, {first_rate}/s) | RSS per 1k idle connections | storm: {} connect at once | all disconnect, then reconnect at once |", args.devices.last().copied().unwrap_or(0), args.storm);
+    println!("|---|--:|--:|---|---|");
+    let phase = |p: &Phase| match p.all_ready {
+        Some(t) => format!("all in {:.2} s, {} failures", t.as_secs_f64(), p.failures),
+        None => format!(
+            "NOT all within {} s, {} failures",
+            STORM_LIMIT.as_secs(),
+            p.failures
+        ),
+    };
+    for &system in systems {
+        let devices = args.devices.last().copied().unwrap_or(0);
+        let cpu = |qos: u8| {
+            median(
+                series(system, devices, qos)
+                    .into_iter()
+                    .filter(|p| p.rate == first_rate)
+                    .map(Point::cpu_per_10k)
+                    .collect(),
+            )
+        };
+        let storm = storms.iter().find(|(s, _)| *s == system).map(|(_, s)| s);
+        println!(
+            "| {} | {} / {} | {} | {} | {} |",
+            system.name(),
+            ms(cpu(0)),
+            ms(cpu(1)),
+            storm.map_or("–".into(), |s| format!(
+                "{:.1} MiB",
+                s.kib_per_1k_idle / 1024.0
+            )),
+            storm.map_or("–".into(), |s| phase(&s.first)),
+            storm.map_or("–".into(), |s| phase(&s.reconnect)),
+        );
+    }
+}
