@@ -148,9 +148,14 @@ async fn lock_devices(
     tx: &mut sqlx::PgConnection,
     device_ids: &[&str],
 ) -> Result<Vec<MarkRow>, sqlx::Error> {
+    // A join rather than `device_id = ANY($1)`: when a row was updated meanwhile, PostgreSQL
+    // rechecks just that row, instead of rescanning with the whole (re-sorted) array each time,
+    // which made writers contending for the same devices burn CPU. The rows come from the
+    // locked table only, so they are its latest versions.
     sqlx::query_as(
-        "SELECT device_id, persisted_seq, max_seq, state FROM device_watermarks
-         WHERE device_id = ANY($1) ORDER BY device_id FOR UPDATE",
+        "SELECT w.device_id, w.persisted_seq, w.max_seq, w.state
+         FROM UNNEST($1::text[]) AS d(id) JOIN device_watermarks w ON w.device_id = d.id
+         ORDER BY w.device_id FOR UPDATE OF w",
     )
     .bind(device_ids)
     .fetch_all(&mut *tx)
