@@ -191,6 +191,9 @@ pub struct LoadReport {
     pub ack_latency: Option<Latency>,
     /// Device reconnections during the run.
     pub reconnects: u64,
+    /// CPU used by this process while sending, in cores (Linux only): near the number of
+    /// cores it may use, the generator itself is the limit.
+    pub generator_busy: Option<f64>,
     /// One entry per observer, in configuration order.
     pub tiers: Vec<Tier>,
 }
@@ -250,6 +253,15 @@ pub enum LoadError {
 fn nanos(t: SystemTime) -> i128 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// CPU seconds (user + system) used by this process so far, from `/proc/self/stat`.
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime (fields 14 and 15) in clock ticks of 1/100 s.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// One load device's id.
@@ -718,6 +730,7 @@ pub async fn run(
     };
     let _ = go_tx.send(Some(start));
     let end = start.at + config.duration;
+    let cpu_at_start = own_cpu_seconds();
 
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < end {
@@ -733,6 +746,9 @@ pub async fn run(
             received.join(", ")
         ));
     }
+    let generator_busy = cpu_at_start
+        .zip(own_cpu_seconds())
+        .map(|(before, after)| (after - before) / (config.duration.as_secs_f64() + 0.2));
     let mut acks = histogram();
     while let Some(done) = devices.join_next().await {
         if let Ok(h) = done {
@@ -774,6 +790,7 @@ pub async fn run(
         acked: common.acked.load(Ordering::Relaxed),
         ack_latency: mqtt_qos1.then(|| Latency::of(&acks)),
         reconnects: common.reconnects.load(Ordering::Relaxed),
+        generator_busy,
         tiers,
     })
 }
