@@ -68,6 +68,8 @@ const BUILDING: &str = "bench";
 const CLOCK_TICKS: f64 = 100.0;
 /// Longest a storm phase may take before it is reported as not recovered.
 const STORM_LIMIT: Duration = Duration::from_secs(60);
+/// Load runs so far (each gets its own sequence numbers).
+static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 /// A step holds only if every observer's p99 latency stays below this.
 const HELD_P99_MS: f64 = 500.0;
 /// Messages in the raw pub→sub blast.
@@ -581,6 +583,8 @@ async fn run_point(
         building: BUILDING.into(),
         connect_timeout: Duration::from_secs(60),
         drain: Duration::from_secs(5),
+        // Each run on the same servers gets its own sequence numbers.
+        seq_base: u64::from(RUNS.fetch_add(1, Ordering::Relaxed)) * 1_000_000,
     };
     let before = sut.cpu();
     match load::run(config, |_| {}).await {

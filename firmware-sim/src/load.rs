@@ -123,6 +123,10 @@ pub struct LoadConfig {
     pub connect_timeout: Duration,
     /// Longest wait for stragglers after the last send.
     pub drain: Duration,
+    /// Added to every sequence number (devices send `seq_base + 1`, `seq_base + 2`, ...): runs
+    /// against the same servers need fresh numbers, or JetStream rightly drops them as
+    /// duplicates.
+    pub seq_base: u64,
 }
 
 /// Latency percentiles in milliseconds.
@@ -484,6 +488,7 @@ struct Common {
     qos: u8,
     payload_bytes: usize,
     devices: u32,
+    seq_base: u64,
 }
 
 impl Common {
@@ -576,7 +581,7 @@ async fn mqtt_device(
                 let Some((start, first, _)) = schedule else { continue };
                 seq += 1;
                 let scheduled = start.wall + (next - start.at);
-                let payload = envelope(&id, seq, scheduled, common.payload_bytes);
+                let payload = envelope(&id, common.seq_base + seq, scheduled, common.payload_bytes);
                 if client.try_publish(topic.clone(), qos, false, payload).is_ok() {
                     common.sent.fetch_add(1, Ordering::Relaxed);
                     if common.qos > 0 {
@@ -621,7 +626,7 @@ async fn nats_device(common: Common, index: u32, id: DeviceId, subject: String, 
         tokio::time::sleep_until(next).await;
         seq += 1;
         let scheduled = start.wall + (next - start.at);
-        let payload = envelope(&id, seq, scheduled, common.payload_bytes);
+        let payload = envelope(&id, common.seq_base + seq, scheduled, common.payload_bytes);
         if client
             .publish(subject.clone(), payload.into())
             .await
@@ -675,6 +680,7 @@ pub async fn run(
         qos: config.qos,
         payload_bytes: config.payload_bytes,
         devices: config.devices,
+        seq_base: config.seq_base,
     };
     let mut devices = tokio::task::JoinSet::new();
     for d in 0..config.devices {

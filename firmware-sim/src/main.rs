@@ -261,6 +261,7 @@ fn main() -> ExitCode {
                 building,
                 connect_timeout: Duration::from_secs(60),
                 drain: Duration::from_secs(5),
+                seq_base: 0,
             };
             return block_on(load(settings, config, json, no_auth));
         }

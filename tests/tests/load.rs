@@ -69,6 +69,7 @@ async fn load_mode_counts_every_message_end_to_end() {
                 building: building.clone(),
                 connect_timeout: Duration::from_secs(10),
                 drain: Duration::from_secs(5),
+                seq_base: 0,
             },
             |_| {},
         )
