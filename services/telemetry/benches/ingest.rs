@@ -46,7 +46,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, consumer::pull};
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::StreamExt;
 use liftwire_proto::naming::{
     uplink_msg_id, BuildingId, DeviceId, Uplink, UplinkKind, UPLINK_STREAM,
@@ -339,72 +339,6 @@ async fn count_rows(pool: &sqlx::PgPool) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Measurements. Each returns the elapsed time of the measured part.
 
-/// PostgreSQL binary COPY: header, then per row a field count and length-prefixed fields.
-struct CopyBuf(Vec<u8>);
-
-impl CopyBuf {
-    /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
-    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
-    fn new() -> Self {
-        let mut b = Vec::with_capacity(1 << 20);
-        b.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-        b.extend_from_slice(&0i32.to_be_bytes()); // flags
-        b.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-        Self(b)
-    }
-    fn tuple(&mut self, fields: i16) {
-        self.0.extend_from_slice(&fields.to_be_bytes());
-    }
-    fn bytes(&mut self, v: &[u8]) {
-        let len = i32::try_from(v.len()).expect("field fits COPY");
-        self.0.extend_from_slice(&len.to_be_bytes());
-        self.0.extend_from_slice(v);
-    }
-    fn null(&mut self) {
-        self.0.extend_from_slice(&(-1i32).to_be_bytes());
-    }
-    fn opt<T>(&mut self, v: Option<T>, f: impl FnOnce(&mut Self, T)) {
-        match v {
-            Some(v) => f(self, v),
-            None => self.null(),
-        }
-    }
-    fn i16(&mut self, v: i16) {
-        self.bytes(&v.to_be_bytes());
-    }
-    fn i32(&mut self, v: i32) {
-        self.bytes(&v.to_be_bytes());
-    }
-    fn i64(&mut self, v: i64) {
-        self.bytes(&v.to_be_bytes());
-    }
-    fn time(&mut self, t: DateTime<Utc>) {
-        self.i64(t.timestamp_micros() - Self::PG_EPOCH_MICROS);
-    }
-    fn row(&mut self, r: &Row) {
-        self.tuple(15);
-        self.bytes(r.device.as_bytes());
-        self.i64(r.seq);
-        self.bytes(r.building.as_bytes());
-        self.bytes(r.kind.as_bytes());
-        self.time(r.at);
-        self.opt(r.device_time, Self::time);
-        self.time(r.received_at);
-        self.bytes(&r.payload);
-        self.opt(r.columns.event, |b, e| b.bytes(e.as_bytes()));
-        self.opt(r.columns.event_value, Self::i32);
-        self.opt(r.columns.mode, Self::i16);
-        self.opt(r.columns.floor, Self::i32);
-        self.opt(r.columns.load_percent, Self::i16);
-        self.opt(r.columns.speed_mm_s, Self::i32);
-        self.opt(r.columns.motor_temp_decicelsius, Self::i32);
-    }
-    fn take(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.0)
-    }
-}
-
 async fn measure_copy(messages: &[Msg]) -> Duration {
     let (_pg, pool) = fresh_database().await;
     let partitions = Partitions::new(PartitionConfig::default());
@@ -415,24 +349,10 @@ async fn measure_copy(messages: &[Msg]) -> Duration {
         .expect("partitions");
     let mut conn = pool.acquire().await.expect("connection");
     let started = Instant::now();
-    let mut copy = conn
-        .copy_in_raw(
-            "COPY device_messages (device_id, seq, building_id, kind, at, device_time,
-                 received_at, payload, event, event_value, mode, floor, load_percent, speed_mm_s,
-                 motor_temp_decicelsius) FROM STDIN (FORMAT binary)",
-        )
+    // The service's own encoder and statement (store::copy_rows), without its bookkeeping.
+    let copied = store::copy_rows(&mut conn, &rows.iter().collect::<Vec<_>>())
         .await
-        .expect("COPY starts");
-    let mut buf = CopyBuf::new();
-    for row in &rows {
-        buf.row(row);
-        if buf.0.len() >= 1 << 20 {
-            copy.send(buf.take()).await.expect("COPY data");
-        }
-    }
-    buf.0.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
-    copy.send(buf.take()).await.expect("COPY data");
-    let copied = copy.finish().await.expect("COPY finishes");
+        .expect("COPY");
     let elapsed = started.elapsed();
     drop(conn);
     assert_eq!(copied, messages.len() as u64, "COPY wrote every row");

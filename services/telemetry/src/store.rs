@@ -375,8 +375,8 @@ async fn write_sorted(
 const MESSAGE_COLUMNS: &str = "device_id, seq, building_id, kind, at, device_time, received_at, \
     payload, event, event_value, mode, floor, load_percent, speed_mm_s, motor_temp_decicelsius";
 
-/// Stores `rows` (none of them stored yet) with one binary `COPY`.
-async fn copy_rows(tx: &mut sqlx::PgConnection, rows: &[&Row]) -> Result<u64, sqlx::Error> {
+/// Stores `rows` (none of them stored yet) with one binary `COPY`; returns the rows written.
+pub async fn copy_rows(tx: &mut sqlx::PgConnection, rows: &[&Row]) -> Result<u64, sqlx::Error> {
     if rows.is_empty() {
         return Ok(0);
     }
