@@ -64,8 +64,6 @@ const USAGE: &str = "usage: cargo bench -p liftwire-firmware-sim --bench mqtt --
 
 /// The building all benchmark devices belong to.
 const BUILDING: &str = "bench";
-/// Linux's USER_HZ (clock ticks per second in /proc/*/stat).
-const CLOCK_TICKS: f64 = 100.0;
 /// Longest a storm phase may take before it is reported as not recovered.
 const STORM_LIMIT: Duration = Duration::from_secs(60);
 /// Load runs so far (each gets its own sequence numbers).
@@ -206,25 +204,6 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------------------------
 // Process statistics.
 
-/// utime + stime of `pid` (all its threads), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the state field.
-    (ticks(11) + ticks(12)) as f64 / CLOCK_TICKS
-}
-
 /// Resident set size of `pid` in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -286,7 +265,10 @@ impl Sut {
     }
 
     fn cpu(&self) -> f64 {
-        self.pids().into_iter().map(cpu_seconds).sum()
+        self.pids()
+            .into_iter()
+            .filter_map(|pid| load::cpu_seconds(&pid.to_string()))
+            .sum()
     }
 
     fn rss_kib(&self) -> u64 {

@@ -259,11 +259,13 @@ fn nanos(t: SystemTime) -> i128 {
         .map_or(0, |d| d.as_nanos() as i128)
 }
 
-/// CPU seconds (user + system) used by this process so far, from `/proc/self/stat`.
-fn own_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// CPU seconds (user + system) used so far by process `pid` (`"self"` for this one), all its
+/// threads, from `/proc/{pid}/stat`; `None` where there is no such file.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')';
+    // utime and stime (fields 14 and 15) are in clock ticks of 1/100 s.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // utime and stime (fields 14 and 15) in clock ticks of 1/100 s.
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(ticks as f64 / 100.0)
 }
@@ -736,7 +738,7 @@ pub async fn run(
     };
     let _ = go_tx.send(Some(start));
     let end = start.at + config.duration;
-    let cpu_at_start = own_cpu_seconds();
+    let cpu_at_start = cpu_seconds("self");
 
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < end {
@@ -753,7 +755,7 @@ pub async fn run(
         ));
     }
     let generator_busy = cpu_at_start
-        .zip(own_cpu_seconds())
+        .zip(cpu_seconds("self"))
         .map(|(before, after)| (after - before) / (config.duration.as_secs_f64() + 0.2));
     let mut acks = histogram();
     while let Some(done) = devices.join_next().await {
