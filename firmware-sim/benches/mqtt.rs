@@ -251,7 +251,7 @@ struct Sut {
     processes: Vec<ServerProcess>,
     publisher: Publisher,
     observers: Vec<Observer>,
-    /// Core NATS URL, when there is a NATS server.
+    /// The MQTT listener devices connect to (none for raw NATS).
     mqtt: Option<SocketAddr>,
     _dir: TempDir,
 }
