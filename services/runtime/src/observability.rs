@@ -168,7 +168,11 @@ pub fn inject_trace_context(span: &tracing::Span, headers: &mut async_nats::Head
 }
 
 /// Makes `span` a child of the trace context found in NATS `headers`, if any.
+/// A disabled span (no subscriber records it) is left alone: nothing would see its parent.
 pub fn adopt_trace_context(span: &tracing::Span, headers: &async_nats::HeaderMap) {
+    if span.is_disabled() {
+        return;
+    }
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     // Headers without a valid traceparent yield an empty context: the span keeps its own root.
     let _ = span.set_parent(parent);

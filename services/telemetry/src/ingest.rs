@@ -395,6 +395,18 @@ fn writer_of(device: &str, writers: usize) -> usize {
     usize::try_from(hasher.finish() % writers as u64).unwrap_or(0)
 }
 
+/// How many rows of each kind a batch has, so each counter is updated once per batch.
+fn count_kinds(kinds: impl IntoIterator<Item = &'static str>) -> Vec<(&'static str, u64)> {
+    let mut counts: Vec<(&'static str, u64)> = Vec::new();
+    for kind in kinds {
+        match counts.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((kind, 1)),
+        }
+    }
+    counts
+}
+
 /// A fetched batch (or a writer's share of it), validated: the rows to write and the messages
 /// they came from.
 struct Prepared {
@@ -592,11 +604,11 @@ impl Ingest {
                     self.metrics
                         .duplicates
                         .inc_by(total.saturating_sub(outcome.inserted));
-                    for kind in kinds {
+                    for (kind, count) in count_kinds(kinds) {
                         self.metrics
                             .ingested
                             .get_or_create(&KindLabel { kind })
-                            .inc();
+                            .inc_by(count);
                     }
                     let committed = Committed { pending, outcome };
                     if let Err(mpsc::error::SendError(committed)) =
@@ -892,6 +904,16 @@ mod tests {
     }
 
     const SUBJECT: &str = "lw.v1.up.b1.elev-1.event";
+
+    #[test]
+    fn kinds_are_counted_once_per_batch() {
+        let counts = count_kinds(["telemetry", "event", "telemetry", "rejected", "telemetry"]);
+        assert_eq!(
+            counts,
+            vec![("telemetry", 3), ("event", 1), ("rejected", 1)]
+        );
+        assert!(count_kinds([]).is_empty());
+    }
 
     #[test]
     fn envelope_and_identity_errors_have_no_placeholder() {
