@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Options (after `--`): `--messages N` (default 100000), `--devices N` (default 1000),
-//! `--repeat N` (default 3), `--batch-sizes 500,2000` (ingest batch sizes to compare),
+//! `--repeat N` (default 3), `--batch-sizes 1000,5000` (ingest batch sizes to compare; 5000 is the default setting),
 //! `--replicas N` (default 2: also run N service replicas at the first batch size; 1 skips it).
 //!
 //! The workload is `messages` telemetry envelopes (`Body::Telemetry`, realistic values, device
@@ -64,7 +64,7 @@ use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: cargo bench -p liftwire-telemetry --bench ingest -- \
-    [--messages N] [--devices N] [--repeat N] [--batch-sizes 500,2000] [--replicas 2]";
+    [--messages N] [--devices N] [--repeat N] [--batch-sizes 1000,5000] [--replicas 2]";
 
 /// Longest a single ingest may take before the benchmark gives up.
 const INGEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -88,7 +88,7 @@ fn parse_args() -> Args {
         messages: 100_000,
         devices: 1000,
         repeat: 3,
-        batch_sizes: vec![500, 2000],
+        batch_sizes: vec![1000, 5000],
         replicas: 2,
     };
     let number = |flag: &str, value: Option<String>| -> usize {

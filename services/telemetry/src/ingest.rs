@@ -59,7 +59,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         Self {
             consumer: "telemetry-ingest".into(),
-            batch_size: 1000,
+            batch_size: 5000,
             workers: 2,
             batch_wait: Duration::from_millis(100),
             ack_wait: Duration::from_secs(30),
