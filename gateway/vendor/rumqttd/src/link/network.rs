@@ -42,6 +42,9 @@ pub struct Network<P> {
     protocol: P,
 }
 
+/// liftwire patch: initial size of a connection's read buffer.
+const INITIAL_READ_BUFFER: usize = 1024;
+
 impl<P: Protocol> Network<P> {
     pub fn new(
         socket: Box<dyn N>,
@@ -51,8 +54,11 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            read: BytesMut::with_capacity(10 * 1024),
-            write: BytesMut::with_capacity(10 * 1024),
+            // liftwire patch: 10 KiB each per connection was most of an idle connection's memory.
+            // Both grow when a burst needs more (`read_buf` reserves, encoding extends); the
+            // write buffer starts empty as most devices receive little.
+            read: BytesMut::with_capacity(INITIAL_READ_BUFFER),
+            write: BytesMut::new(),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we

@@ -379,9 +379,10 @@ pub struct AckLog {
 impl AckLog {
     /// New log
     pub fn new() -> AckLog {
+        // liftwire patch: both grow on first use.
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 
