@@ -4,8 +4,9 @@
 //! * access rules: a device publishes only on its own uplink topics and subscribes only to its
 //!   own (and its building's broadcast) downlink topics; a violation closes the connection;
 //! * attribution: an accepted uplink publish is handed to the bridge with the authenticated
-//!   identity, and rewritten to a `$`-topic that the router matches to nobody, so the broker
-//!   neither stores nor forwards device data (its memory holds downlink only);
+//!   identity, and rewritten to a `$`-topic that marks it handled: the connection acknowledges
+//!   it itself (QoS 1) and it never reaches the router, so the broker neither stores nor forwards
+//!   device data (its memory holds downlink only) and no uplink message crosses its thread;
 //! * v5 → v4: publish properties are never written to a v4 client (rumqttd's v4 writer panics on
 //!   them);
 //! * presence: CONNACK marks the device online, the end of the connection offline;
@@ -24,8 +25,9 @@ use crate::acl;
 use crate::metrics::Reason;
 use crate::session::{Incoming, PresenceChange, Session, Shared};
 
-/// The topic accepted uplink publishes are rewritten to before the router sees them. No
-/// subscription can match a `$` topic, so the router acknowledges and drops them.
+/// The topic accepted uplink publishes are rewritten to once the bridge has them: the connection
+/// acknowledges them itself and does not pass them to the router ([`Protocol::handled`] of the
+/// patched rumqttd). Were one to reach the router anyway, no subscription can match a `$` topic.
 pub const BRIDGED_TOPIC: &[u8] = b"$liftwire/bridged";
 
 /// Separates a device id from the connection number in broker client ids. Device ids cannot
@@ -268,6 +270,10 @@ impl<P: Protocol> Protocol for Guard<P> {
             }
             other => Ok(other),
         }
+    }
+
+    fn handled(&self, packet: &Packet) -> bool {
+        matches!(packet, Packet::Publish(publish, _) if publish.topic == BRIDGED_TOPIC)
     }
 
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error> {

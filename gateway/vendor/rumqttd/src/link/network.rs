@@ -144,6 +144,11 @@ impl<P: Protocol> Network<P> {
         Ok(())
     }
 
+    /// liftwire patch: see [`Protocol::handled`].
+    pub fn handled(&self, packet: &Packet) -> bool {
+        self.protocol.handled(packet)
+    }
+
     pub async fn writev(&mut self, packets: VecDeque<Packet>) -> Result<(), Error> {
         for packet in packets {
             Protocol::write(&self.protocol, packet, &mut self.write)?;

@@ -2,7 +2,9 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{
+    ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol, PubAck, PubAckReason, QoS,
+};
 use crate::router::{Event, Notification};
 use crate::{ConnectionId, ConnectionSettings};
 
@@ -135,15 +137,41 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
-                    let len = {
+                    let mut acks = VecDeque::new();
+                    let (len, routed) = {
                         let mut buffer = self.link_tx.buffer();
+                        let start = buffer.len();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
-                        buffer.len()
+                        // liftwire patch: publishes the protocol layer handled skip the router
+                        // (no hop through its thread and back for every PUBACK).
+                        for packet in buffer.split_off(start) {
+                            let handled = match &packet {
+                                Packet::Publish(publish, _) if publish.qos != QoS::ExactlyOnce => self
+                                    .network
+                                    .handled(&packet)
+                                    .then_some((publish.qos, publish.pkid)),
+                                _ => None,
+                            };
+                            match handled {
+                                Some((QoS::AtLeastOnce, pkid)) => {
+                                    let ack = PubAck { pkid, reason: PubAckReason::Success };
+                                    acks.push_back(Packet::PubAck(ack, None));
+                                }
+                                Some(_) => {}
+                                None => buffer.push_back(packet),
+                            }
+                        }
+                        (buffer.len(), buffer.len() > start)
                     };
 
                     trace!("Packets read from network, count = {}", len);
-                    self.link_tx.notify().await?;
+                    if !acks.is_empty() {
+                        self.network.writev(acks).await?;
+                    }
+                    if routed {
+                        self.link_tx.notify().await?;
+                    }
                 }
                 // Receive from router when previous when state isn't in collision
                 // due to previously received data request

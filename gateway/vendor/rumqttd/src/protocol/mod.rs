@@ -748,4 +748,11 @@ pub enum Error {
 pub trait Protocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
+
+    /// liftwire patch: whether a packet read from a client was already handled by this protocol
+    /// layer (for example, a publish bridged elsewhere). A handled QoS 0 or QoS 1 publish never
+    /// reaches the router: the connection acknowledges a QoS 1 one itself, in arrival order.
+    fn handled(&self, _packet: &Packet) -> bool {
+        false
+    }
 }
