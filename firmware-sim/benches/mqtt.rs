@@ -23,7 +23,8 @@
 //!
 //! Workload: `liftwire-firmware-sim`'s load mode (see `load.rs`): N devices, one connection each,
 //! ~200-byte telemetry envelopes, open loop at a fixed total rate, latency from the scheduled
-//! send time to arrival, loss from per-device sequence numbers, PUBACK latency for QoS 1. Rates
+//! send time to arrival, loss from per-device sequence numbers, PUBACK latency for QoS 1. Each
+//! step first sends one second of warm-up, checked for loss but left out of the latencies. Rates
 //! step up until a step loses messages, falls behind (p99 above 500 ms) or the generator itself
 //! cannot keep the rate (or is over 90% busy).
 //!
@@ -70,6 +71,10 @@ const STORM_LIMIT: Duration = Duration::from_secs(60);
 static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 /// A step holds only if every observer's p99 latency stays below this.
 const HELD_P99_MS: f64 = 500.0;
+/// Sent at the start of every step before latencies count (loss still counts): fresh processes
+/// otherwise spend the first few hundred milliseconds growing buffers and caches, and with short
+/// steps that start-up, not the steady state, decides the p99.
+const WARMUP: Duration = Duration::from_secs(1);
 /// Messages in the raw pub→sub blast.
 const BLAST_MESSAGES: u64 = 1_000_000;
 
@@ -561,7 +566,9 @@ async fn run_point(
         rate,
         qos,
         payload_bytes,
-        duration: Duration::from_secs(seconds),
+        // The warm-up is sent first, on top of the measured seconds.
+        duration: Duration::from_secs(seconds) + WARMUP,
+        warmup: WARMUP,
         building: BUILDING.into(),
         connect_timeout: Duration::from_secs(60),
         drain: Duration::from_secs(5),

@@ -117,6 +117,10 @@ pub struct LoadConfig {
     pub payload_bytes: usize,
     /// How long to send.
     pub duration: Duration,
+    /// The first part of `duration` whose messages are sent and checked for loss but left out
+    /// of the latency figures, so that connection set-up, first allocations and cold caches in
+    /// the system under test do not decide its percentiles.
+    pub warmup: Duration,
     /// Building id of the load devices (`{building}-d0001`, ...).
     pub building: String,
     /// How long devices may take to connect before the run fails.
@@ -325,6 +329,8 @@ struct Arrivals {
     duplicates: u64,
     received: u64,
     last_arrival_ns: i128,
+    /// Messages scheduled before this (the end of the warm-up) are not in the histogram.
+    measure_from_ns: i128,
 }
 
 impl Arrivals {
@@ -335,6 +341,7 @@ impl Arrivals {
             duplicates: 0,
             received: 0,
             last_arrival_ns: 0,
+            measure_from_ns: 0,
         }
     }
 
@@ -357,8 +364,10 @@ impl Arrivals {
             return;
         }
         self.received += 1;
-        let latency = (now - scheduled).max(1) as u64;
-        let _ = self.histogram.record(latency.min(60_000_000_000));
+        if scheduled >= self.measure_from_ns {
+            let latency = (now - scheduled).max(1) as u64;
+            let _ = self.histogram.record(latency.min(60_000_000_000));
+        }
     }
 }
 
@@ -487,6 +496,7 @@ struct Common {
     go: watch::Receiver<Option<Start>>,
     interval: Duration,
     duration: Duration,
+    warmup: Duration,
     qos: u8,
     payload_bytes: usize,
     devices: u32,
@@ -556,7 +566,8 @@ async fn mqtt_device(
                 }
                 Ok(Event::Incoming(Incoming::PubAck(ack))) => {
                     common.acked.fetch_add(1, Ordering::Relaxed);
-                    if let Some(scheduled) = by_pkid.remove(&ack.pkid) {
+                    let measure_from = schedule.map_or(0, |(start, _, _)| nanos(start.wall + common.warmup));
+                    if let Some(scheduled) = by_pkid.remove(&ack.pkid).filter(|s| *s >= measure_from) {
                         let latency = (nanos(SystemTime::now()) - scheduled).max(1) as u64;
                         let _ = acks.record(latency.min(60_000_000_000));
                     }
@@ -652,6 +663,11 @@ pub async fn run(
     if config.observers.is_empty() {
         return Err(LoadError::Invalid("at least one observer is needed"));
     }
+    if config.warmup >= config.duration {
+        return Err(LoadError::Invalid(
+            "the warm-up must be shorter than the duration",
+        ));
+    }
     let building = BuildingId::new(config.building.clone())?;
 
     let stop_observing = CancellationToken::new();
@@ -679,6 +695,7 @@ pub async fn run(
         go: go_rx,
         interval: Duration::from_secs_f64(1.0 / per_device_rate),
         duration: config.duration,
+        warmup: config.warmup,
         qos: config.qos,
         payload_bytes: config.payload_bytes,
         devices: config.devices,
@@ -736,6 +753,9 @@ pub async fn run(
         at: Instant::now() + Duration::from_millis(200),
         wall: SystemTime::now() + Duration::from_millis(200),
     };
+    for (_, arrivals, _) in &observers {
+        lock(arrivals).measure_from_ns = nanos(start.wall + config.warmup);
+    }
     let _ = go_tx.send(Some(start));
     let end = start.at + config.duration;
     let cpu_at_start = cpu_seconds("self");
@@ -801,4 +821,29 @@ pub async fn run(
         generator_busy,
         tiers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn warm_up_messages_count_for_loss_but_not_for_latency() {
+        let device = DeviceId::new("b-d0001").unwrap();
+        let now = SystemTime::now();
+        let mut arrivals = Arrivals::new();
+        arrivals.measure_from_ns = nanos(now - Duration::from_secs(5));
+        // Scheduled 10 s ago (warm-up), then 1 s ago (measured), then the warm-up one again.
+        arrivals.record(&envelope(&device, 1, now - Duration::from_secs(10), 64));
+        arrivals.record(&envelope(&device, 2, now - Duration::from_secs(1), 64));
+        arrivals.record(&envelope(&device, 1, now - Duration::from_secs(10), 64));
+        assert_eq!((arrivals.received, arrivals.duplicates), (2, 1));
+        assert_eq!(arrivals.histogram.len(), 1, "only the measured message");
+        let latency = Latency::of(&arrivals.histogram);
+        assert!(
+            (900.0..5000.0).contains(&latency.max_ms),
+            "the measured message's latency, not the warm-up's 10 s: {latency:?}"
+        );
+    }
 }

@@ -57,6 +57,10 @@ enum Command {
         /// Seconds of sending.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Seconds sent first, on top of `--seconds`, whose messages count for loss but not for
+        /// latency.
+        #[arg(long, default_value_t = 1)]
+        warmup: u64,
         /// NATS server where messages are expected.
         #[arg(long, default_value = "nats://127.0.0.1:4222")]
         nats_url: String,
@@ -229,6 +233,7 @@ fn main() -> ExitCode {
             qos,
             payload_bytes,
             seconds,
+            warmup,
             nats_url,
             subject,
             json,
@@ -257,7 +262,8 @@ fn main() -> ExitCode {
                 rate,
                 qos,
                 payload_bytes,
-                duration: Duration::from_secs(seconds),
+                duration: Duration::from_secs(seconds + warmup),
+                warmup: Duration::from_secs(warmup),
                 building,
                 connect_timeout: Duration::from_secs(60),
                 drain: Duration::from_secs(5),

@@ -66,6 +66,7 @@ async fn load_mode_counts_every_message_end_to_end() {
                 qos,
                 payload_bytes: 200,
                 duration: Duration::from_secs(2),
+                warmup: Duration::from_millis(500),
                 building: building.clone(),
                 connect_timeout: Duration::from_secs(10),
                 drain: Duration::from_secs(5),
