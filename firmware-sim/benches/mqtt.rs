@@ -923,7 +923,7 @@ async fn bench(args: Args, pinned: bool) {
             .map_or("mosquitto not installed".into(), |m| version(m, "-h"))
     );
     println!(
-        "- workload: {:?} devices, {}-byte telemetry envelopes, rates {:?} msg/s for {} s each, {} repetition(s)\n",
+        "- workload: {:?} devices, {}-byte telemetry envelopes, rates {:?} msg/s for {} s each after a 1 s warm-up, {} repetition(s)\n",
         args.devices, args.payload_bytes, args.rates, args.seconds, args.repeat
     );
 
