@@ -6,7 +6,7 @@ use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use serde::Deserialize;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -38,6 +38,11 @@ pub struct ObservabilityConfig {
     /// OTLP/HTTP traces endpoint, e.g. `http://otel-collector:4318/v1/traces`. Without it spans
     /// still get trace ids and propagate through NATS; they are just not exported.
     pub otlp_endpoint: Option<String>,
+    /// Share of traces recorded (0.0–1.0), decided where a trace starts (a device message at the
+    /// gateway, a request at the API); every service down the line follows the decision carried
+    /// in `traceparent`, so a trace is kept whole or not at all. At tens of thousands of device
+    /// messages per second, a small share is what a tracing backend can take.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for ObservabilityConfig {
@@ -46,8 +51,15 @@ impl Default for ObservabilityConfig {
             log_filter: "info".into(),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
+            trace_sample_ratio: 1.0,
         }
     }
+}
+
+/// Head sampling: a trace started here is kept with probability `ratio`; a trace continued from
+/// a caller keeps the caller's decision.
+pub fn sampler(ratio: f64) -> Sampler {
+    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
 }
 
 /// Why tracing could not be set up.
@@ -65,6 +77,9 @@ pub enum ObservabilityError {
     /// The OTLP exporter could not be built.
     #[error("cannot build the OTLP exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// The sample ratio is not a share.
+    #[error("trace_sample_ratio must be between 0 and 1, got {0}")]
+    SampleRatio(f64),
     /// A global subscriber is already installed.
     #[error("a tracing subscriber is already installed: {0}")]
     AlreadyInstalled(#[from] tracing_subscriber::util::TryInitError),
@@ -102,8 +117,12 @@ pub fn init(
                 source,
             })?;
 
+    if !(0.0..=1.0).contains(&config.trace_sample_ratio) {
+        return Err(ObservabilityError::SampleRatio(config.trace_sample_ratio));
+    }
     let mut builder = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(service).build());
+        .with_resource(Resource::builder().with_service_name(service).build())
+        .with_sampler(sampler(config.trace_sample_ratio));
     if let Some(endpoint) = &config.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -235,5 +254,45 @@ mod tests {
             adopt_trace_context(&unrelated, &async_nats::HeaderMap::new());
             assert_ne!(trace_id(&unrelated), trace_id(&ingress));
         });
+    }
+
+    fn sampled(span: &tracing::Span) -> bool {
+        span.context().span().span_context().is_sampled()
+    }
+
+    #[test]
+    fn the_start_of_a_trace_decides_for_everyone_down_the_line() {
+        let traceparent = |sampled: bool| {
+            let mut headers = async_nats::HeaderMap::new();
+            let flags = if sampled { "01" } else { "00" };
+            headers.insert(
+                "traceparent",
+                format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}").as_str(),
+            );
+            headers
+        };
+        for (ratio, started_sampled) in [(0.0, false), (1.0, true)] {
+            let provider = SdkTracerProvider::builder()
+                .with_sampler(sampler(ratio))
+                .build();
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+            tracing::subscriber::with_default(subscriber, || {
+                let ingress = tracing::info_span!("mqtt_ingress");
+                assert_eq!(sampled(&ingress), started_sampled, "ratio {ratio}");
+                // What the gateway decided travels in the headers and is followed.
+                let mut headers = async_nats::HeaderMap::new();
+                inject_trace_context(&ingress, &mut headers);
+                let ingest = tracing::info_span!("ingest");
+                adopt_trace_context(&ingest, &headers);
+                assert_eq!(sampled(&ingest), started_sampled, "ratio {ratio}");
+                // A caller's decision wins over this service's ratio either way.
+                for caller in [false, true] {
+                    let continued = tracing::info_span!("continued");
+                    adopt_trace_context(&continued, &traceparent(caller));
+                    assert_eq!(sampled(&continued), caller, "ratio {ratio}");
+                }
+            });
+        }
     }
 }
