@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{envelope, servers, Replica, WAIT};
+use common::{connect_packet, envelope, servers, Replica, CONNACK_OK, WAIT};
 use futures::{SinkExt, StreamExt};
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_gateway::edge::TlsConfig;
@@ -52,31 +52,6 @@ fn pki(device: &str) -> Pki {
         client_key: PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
     }
 }
-
-fn connect_packet(client_id: &str, password: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 30];
-    for field in [client_id, client_id, password] {
-        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
-        body.extend_from_slice(field.as_bytes());
-    }
-    let mut packet = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    packet.extend(body);
-    packet
-}
-
-const CONNACK_OK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 
 async fn tls_client(
     pki: &Pki,

@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{envelope, servers, Device, Replica, WAIT};
+use common::{
+    connect_packet, envelope, publish_packet, servers, Device, Replica, CONNACK_OK, WAIT,
+};
 use futures::StreamExt;
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_proto::naming::{BuildingId, DeviceId, DEAD_LETTER_STREAM, UPLINK_STREAM};
@@ -833,13 +835,7 @@ async fn a_device_dropping_connections_mid_handshake_cannot_poison_the_listener(
     let gw = Replica::start(&nats, &pg, "gw-1").await;
     let flaky = provision(&gw, "b1", "elev-flaky", DeviceKind::Elevator).await;
     let steady = provision(&gw, "b1", "elev-steady", DeviceKind::Elevator).await;
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 30];
-    for field in ["elev-flaky", "elev-flaky", flaky.as_str()] {
-        connect.extend_from_slice(&(field.len() as u16).to_be_bytes());
-        connect.extend_from_slice(field.as_bytes());
-    }
-    let mut packet = vec![0x10, connect.len() as u8];
-    packet.extend(connect);
+    let packet = connect_packet("elev-flaky", &flaky);
     for round in 0..40 {
         let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         socket.write_all(&packet).await.unwrap();
@@ -911,36 +907,6 @@ async fn a_reconnecting_device_replaces_its_previous_connection() {
     gw.stop().await;
 }
 
-/// An MQTT 3.1.1 remaining length.
-fn remaining_length(mut len: usize, packet: &mut Vec<u8>) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-}
-
-/// A PUBLISH with QoS 0 (no packet id) or QoS 1.
-fn publish_packet(topic: &str, qos1_pkid: Option<u16>, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    if let Some(pkid) = qos1_pkid {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    let mut packet = vec![if qos1_pkid.is_some() { 0x32 } else { 0x30 }];
-    remaining_length(body.len(), &mut packet);
-    packet.extend(body);
-    packet
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn uplink_publishes_are_acknowledged_by_the_connection_in_order() {
     // The connection answers bridged publishes itself (the patched rumqttd's `handled`), without
@@ -951,21 +917,16 @@ async fn uplink_publishes_are_acknowledged_by_the_connection_in_order() {
     let gw = Replica::start(&nats, &pg, "gw-1").await;
     let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
     let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 30];
-    for field in ["elev-1", "elev-1", secret.as_str()] {
-        connect.extend_from_slice(&(field.len() as u16).to_be_bytes());
-        connect.extend_from_slice(field.as_bytes());
-    }
-    let mut packet = vec![0x10];
-    remaining_length(connect.len(), &mut packet);
-    packet.extend(connect);
-    socket.write_all(&packet).await.unwrap();
+    socket
+        .write_all(&connect_packet("elev-1", &secret))
+        .await
+        .unwrap();
     let mut connack = [0u8; 4];
     tokio::time::timeout(WAIT, socket.read_exact(&mut connack))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    assert_eq!(connack, CONNACK_OK);
 
     // Packet ids out of numeric order, a QoS 0 publish in between, all in one write.
     let topic = "lw/v1/b1/elev-1/up/event";

@@ -297,3 +297,47 @@ pub fn tracing_with_opentelemetry() {
         std::mem::forget(guard);
     });
 }
+
+/// CONNACK accepting a connection (MQTT 3.1.1).
+pub const CONNACK_OK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+
+/// An MQTT 3.1.1 packet: fixed-header byte, remaining length, body.
+fn raw_packet(header: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut packet = vec![header];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
+    packet
+}
+
+/// A raw MQTT 3.1.1 CONNECT (clean session, keep-alive 30 s) with the client id as user name.
+pub fn connect_packet(client_id: &str, password: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 30];
+    for field in [client_id, client_id, password] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    raw_packet(0x10, body)
+}
+
+/// A raw PUBLISH with QoS 0 (no packet id) or QoS 1.
+pub fn publish_packet(topic: &str, qos1_pkid: Option<u16>, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if let Some(pkid) = qos1_pkid {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    raw_packet(if qos1_pkid.is_some() { 0x32 } else { 0x30 }, body)
+}
