@@ -298,6 +298,22 @@ fn pinned(env: &Env, binary: &Path) -> Command {
     cmd
 }
 
+/// Starts `cmd` (built with [`pinned`]), logging to `log`, and waits until `name` listens on
+/// every port of `ports`.
+fn start_pinned(cmd: Command, log: &Path, name: &'static str, ports: &[u16]) -> ServerProcess {
+    let mut process = ServerProcess::spawn(cmd, log, None, libc::SIGTERM).unwrap();
+    for &port in ports {
+        wait_for_port(
+            name,
+            &mut process,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+    }
+    process
+}
+
 fn start_nats(env: &Env, dir: &Path, mqtt_port: Option<u16>) -> (ServerProcess, u16) {
     let port = free_port().unwrap();
     let mqtt = mqtt_port
@@ -315,17 +331,8 @@ fn start_nats(env: &Env, dir: &Path, mqtt_port: Option<u16>) -> (ServerProcess, 
     .unwrap();
     let mut cmd = pinned(env, &env.nats_server);
     cmd.arg("--config").arg(&config);
-    let mut process =
-        ServerProcess::spawn(cmd, &dir.join("nats.log"), None, libc::SIGTERM).unwrap();
-    for p in std::iter::once(port).chain(mqtt_port) {
-        wait_for_port(
-            "nats-server",
-            &mut process,
-            SocketAddr::from(([127, 0, 0, 1], p)),
-            Duration::from_secs(30),
-        )
-        .unwrap();
-    }
+    let ports: Vec<u16> = std::iter::once(port).chain(mqtt_port).collect();
+    let process = start_pinned(cmd, &dir.join("nats.log"), "nats-server", &ports);
     (process, port)
 }
 
@@ -384,11 +391,8 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
             let binary = env.mosquitto.clone().expect("mosquitto is installed");
             let mut cmd = pinned(env, &binary);
             cmd.arg("-c").arg(&config);
-            let mut process =
-                ServerProcess::spawn(cmd, &dir.path().join("mosquitto.log"), None, libc::SIGTERM)
-                    .unwrap();
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            wait_for_port("mosquitto", &mut process, addr, Duration::from_secs(30)).unwrap();
+            let process =
+                start_pinned(cmd, &dir.path().join("mosquitto.log"), "mosquitto", &[port]);
             Sut {
                 processes: vec![process],
                 publisher: Publisher::Mqtt {
@@ -404,7 +408,7 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
                         topic: format!("lw/v1/{BUILDING}/+/up/telemetry"),
                     },
                 }],
-                mqtt: Some(addr),
+                mqtt: Some(SocketAddr::from(([127, 0, 0, 1], port))),
                 _dir: dir,
             }
         }
@@ -457,11 +461,12 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
             .unwrap();
             let mut cmd = pinned(env, &std::env::current_exe().unwrap());
             cmd.arg("--serve-gateway").arg(&config);
-            let mut gateway =
-                ServerProcess::spawn(cmd, &dir.path().join("gateway.log"), None, libc::SIGTERM)
-                    .unwrap();
-            let addr = SocketAddr::from(([127, 0, 0, 1], mqtt_port));
-            wait_for_port("gateway", &mut gateway, addr, Duration::from_secs(30)).unwrap();
+            let gateway = start_pinned(
+                cmd,
+                &dir.path().join("gateway.log"),
+                "gateway",
+                &[mqtt_port],
+            );
             Sut {
                 processes: vec![gateway, nats],
                 publisher: Publisher::Mqtt {
@@ -477,7 +482,7 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
                         format!("lw.v1.up.{BUILDING}.*.telemetry"),
                     ),
                 ],
-                mqtt: Some(addr),
+                mqtt: Some(SocketAddr::from(([127, 0, 0, 1], mqtt_port))),
                 _dir: dir,
             }
         }
