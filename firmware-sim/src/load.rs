@@ -539,6 +539,8 @@ async fn mqtt_device(
     let mut connected = false;
     let mut ever_connected = false;
     let mut schedule: Option<(Start, Instant, Instant)> = None; // (start, first, end)
+                                                                // PUBACKs of messages scheduled before this (the warm-up) are not in the histogram.
+    let mut measure_from = 0i128;
     let mut seq = 0u64;
     let mut next = Instant::now();
     // Scheduled times of publishes handed to the client, then by packet id once sent.
@@ -566,7 +568,6 @@ async fn mqtt_device(
                 }
                 Ok(Event::Incoming(Incoming::PubAck(ack))) => {
                     common.acked.fetch_add(1, Ordering::Relaxed);
-                    let measure_from = schedule.map_or(0, |(start, _, _)| nanos(start.wall + common.warmup));
                     if let Some(scheduled) = by_pkid.remove(&ack.pkid).filter(|s| *s >= measure_from) {
                         let latency = (nanos(SystemTime::now()) - scheduled).max(1) as u64;
                         let _ = acks.record(latency.min(60_000_000_000));
@@ -588,6 +589,7 @@ async fn mqtt_device(
                     let first = common.first_send(start, index);
                     next = first;
                     schedule = Some((start, first, start.at + common.duration));
+                    measure_from = nanos(start.wall + common.warmup);
                 }
             }
             _ = tokio::time::sleep_until(next), if sending => {

@@ -589,7 +589,7 @@ impl Ingest {
                 rows,
                 pending,
             } = prepared;
-            let kinds: Vec<&'static str> = rows.iter().map(|r| r.kind).collect();
+            let kinds = count_kinds(rows.iter().map(|r| r.kind));
             let total = rows.len() as u64;
             let written = async {
                 self.partitions
@@ -608,7 +608,7 @@ impl Ingest {
                     self.metrics
                         .duplicates
                         .inc_by(total.saturating_sub(outcome.inserted));
-                    for (kind, count) in count_kinds(kinds) {
+                    for (kind, count) in kinds {
                         self.metrics
                             .ingested
                             .get_or_create(&KindLabel { kind })
