@@ -21,8 +21,13 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use liftwire_proto::naming::{BuildingId, DeviceId, Uplink, UplinkKind};
 use liftwire_proto::{timestamp, v1, Message, SCHEMA_VERSION};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+
+use crate::wire;
 use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -279,42 +284,79 @@ pub fn device_id(building: &str, index: u32) -> String {
     format!("{building}-d{index:04}")
 }
 
-/// A telemetry envelope of (at least) `payload_bytes`, stamped with its scheduled send time.
+/// A load device's telemetry envelopes: one message, re-stamped and re-encoded for every send.
+pub struct Envelopes {
+    envelope: v1::Envelope,
+    encoded: Vec<u8>,
+}
+
+impl Envelopes {
+    /// Envelopes of `device` padded to about `payload_bytes` (the padding is sized once, for the
+    /// first message; later sequence numbers may add a byte or two).
+    pub fn new(device: &DeviceId, payload_bytes: usize) -> Self {
+        let mut envelope = v1::Envelope {
+            schema_version: SCHEMA_VERSION,
+            device_id: device.to_string(),
+            seq: 1,
+            device_time: Some(timestamp(SystemTime::now())),
+            body: Some(Body::Telemetry(v1::Telemetry {
+                mode: v1::OperatingMode::Normal as i32,
+                floor: 4,
+                position_mm: 12_000,
+                direction: v1::Direction::Up as i32,
+                doors: vec![v1::DoorState::Closed as i32],
+                load_percent: 35,
+                speed_mm_s: 1_600,
+                motor_temp_decicelsius: 412,
+                counters: Some(v1::Counters::default()),
+            })),
+        };
+        // Pad with repeated door entries (a real field, one byte each) up to the requested size.
+        loop {
+            let missing = payload_bytes.saturating_sub(envelope.encoded_len());
+            match envelope.body.as_mut() {
+                Some(Body::Telemetry(t)) if missing > 0 => t
+                    .doors
+                    .extend(std::iter::repeat_n(v1::DoorState::Closed as i32, missing)),
+                _ => break,
+            }
+        }
+        Self {
+            envelope,
+            encoded: Vec::with_capacity(payload_bytes + 16),
+        }
+    }
+
+    /// The encoded envelope number `seq`, stamped with its scheduled send time.
+    pub fn encode(&mut self, seq: u64, scheduled: SystemTime) -> &[u8] {
+        self.envelope.seq = seq;
+        self.envelope.device_time = Some(timestamp(scheduled));
+        if let Some(Body::Telemetry(t)) = self.envelope.body.as_mut() {
+            t.counters = Some(v1::Counters {
+                trips: seq,
+                door_cycles: 2 * seq,
+                run_seconds: 10 * seq,
+                starts: seq,
+            });
+        }
+        self.encoded.clear();
+        self.envelope
+            .encode(&mut self.encoded)
+            .expect("a Vec grows to fit any envelope");
+        &self.encoded
+    }
+}
+
+/// A telemetry envelope of about `payload_bytes`, stamped with its scheduled send time.
 pub fn envelope(
     device: &DeviceId,
     seq: u64,
     scheduled: SystemTime,
     payload_bytes: usize,
 ) -> Vec<u8> {
-    let mut envelope = v1::Envelope {
-        schema_version: SCHEMA_VERSION,
-        device_id: device.to_string(),
-        seq,
-        device_time: Some(timestamp(scheduled)),
-        body: Some(Body::Telemetry(v1::Telemetry {
-            mode: v1::OperatingMode::Normal as i32,
-            floor: 4,
-            position_mm: 12_000,
-            direction: v1::Direction::Up as i32,
-            doors: vec![v1::DoorState::Closed as i32],
-            load_percent: 35,
-            speed_mm_s: 1_600,
-            motor_temp_decicelsius: 412,
-            counters: Some(v1::Counters {
-                trips: seq,
-                door_cycles: 2 * seq,
-                run_seconds: 10 * seq,
-                starts: seq,
-            }),
-        })),
-    };
-    // Pad with repeated door entries (a real field) up to the requested size.
-    while envelope.encoded_len() < payload_bytes {
-        if let Some(Body::Telemetry(t)) = envelope.body.as_mut() {
-            t.doors.push(v1::DoorState::Closed as i32);
-        }
-    }
-    envelope.encode_to_vec()
+    Envelopes::new(device, payload_bytes)
+        .encode(seq, scheduled)
+        .to_vec()
 }
 
 fn histogram() -> Histogram<u64> {
@@ -512,104 +554,231 @@ impl Common {
     }
 }
 
-/// One MQTT device: connect, wait for the start, publish on schedule; returns its PUBACK
-/// latency histogram.
+/// Keep-alive announced in CONNECT; a device that sent nothing for half of it pings.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// How long a device that sent its last message waits for outstanding PUBACKs.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Why a load device's connection ended.
+#[derive(Debug, thiserror::Error)]
+enum DeviceError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Malformed(#[from] wire::Malformed),
+    #[error("CONNECT refused with return code {0}")]
+    Refused(u8),
+    #[error("expected a CONNACK, got packet type {0:#04x}")]
+    NoConnAck(u8),
+    #[error("the broker closed the connection")]
+    Closed,
+}
+
+/// One MQTT connection of a load device.
+struct Session {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    /// Bytes read and not yet parsed start at `start`.
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Session {
+    /// Connects, sends `connect` and waits for an accepting CONNACK.
+    async fn open(host: &str, port: u16, connect: &[u8]) -> Result<Self, DeviceError> {
+        let stream = TcpStream::connect((host, port)).await?;
+        // Latency-sensitive devices disable Nagle's algorithm; otherwise the device's own send
+        // coalescing, not the broker, would dominate QoS 0 latency.
+        stream.set_nodelay(true)?;
+        let (reader, mut writer) = stream.into_split();
+        writer.write_all(connect).await?;
+        let mut session = Self {
+            reader,
+            writer,
+            buf: Vec::with_capacity(1024),
+            start: 0,
+        };
+        match session.next().await? {
+            wire::Incoming::ConnAck(0) => Ok(session),
+            wire::Incoming::ConnAck(code) => Err(DeviceError::Refused(code)),
+            wire::Incoming::PubAck(_) => Err(DeviceError::NoConnAck(0x40)),
+            wire::Incoming::PingResp => Err(DeviceError::NoConnAck(0xD0)),
+            wire::Incoming::Other(kind) => Err(DeviceError::NoConnAck(kind)),
+        }
+    }
+
+    /// The broker's next packet. Cancel-safe: bytes read stay in the buffer.
+    async fn next(&mut self) -> Result<wire::Incoming, DeviceError> {
+        loop {
+            if let Some(packet) = wire::next_packet(&mut self.buf, &mut self.start)? {
+                return Ok(packet);
+            }
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                return Err(DeviceError::Closed);
+            }
+        }
+    }
+}
+
+/// A device's place in the schedule.
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: Start,
+    first: Instant,
+    end: Instant,
+}
+
+/// One MQTT device: connect, wait for the start, publish on schedule (reconnecting if the
+/// broker drops it); returns its PUBACK latency histogram.
 async fn mqtt_device(
     common: Common,
     index: u32,
     id: DeviceId,
     topic: String,
-    mut options: MqttOptions,
+    (host, port): (String, u16),
+    secret: Option<String>,
 ) -> Histogram<u64> {
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    // Latency-sensitive devices disable Nagle's algorithm; otherwise the client's own send
-    // coalescing, not the broker, would dominate QoS 0 latency.
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    let qos = if common.qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
+    let connect = wire::connect(
+        id.as_str(),
+        secret.as_deref().map(|s| (id.as_str(), s)),
+        KEEP_ALIVE.as_secs() as u16,
+    );
+    let qos1 = common.qos > 0;
     let mut acks = histogram();
+    let mut envelopes = Envelopes::new(&id, common.payload_bytes);
+    let mut packet = Vec::with_capacity(common.payload_bytes + topic.len() + 16);
     let mut go = common.go.clone();
-    let mut connected = false;
-    let mut ever_connected = false;
-    let mut schedule: Option<(Start, Instant, Instant)> = None; // (start, first, end)
-                                                                // PUBACKs of messages scheduled before this (the warm-up) are not in the histogram.
+    let mut schedule: Option<Schedule> = None;
+    // PUBACKs of messages scheduled before this (the warm-up) are not in the histogram.
     let mut measure_from = 0i128;
     let mut seq = 0u64;
+    let mut pkid = 0u16;
     let mut next = Instant::now();
-    // Scheduled times of publishes handed to the client, then by packet id once sent.
-    let mut queued: VecDeque<i128> = VecDeque::new();
-    let mut by_pkid: HashMap<u16, i128> = HashMap::new();
-    loop {
-        let sending = schedule.is_some_and(|(_, _, end)| next < end) && connected;
-        let finished = schedule.map(|(_, _, end)| end + Duration::from_secs(2));
-        tokio::select! {
-            event = eventloop.poll() => match event {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                    connected = true;
-                    if ever_connected {
-                        common.reconnects.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        ever_connected = true;
-                        common.connected.fetch_add(1, Ordering::Relaxed);
-                        common.connected_changed.notify_one();
+    let mut ever_connected = false;
+    let timer = tokio::time::sleep(KEEP_ALIVE);
+    tokio::pin!(timer);
+    'connection: loop {
+        if schedule.is_some_and(|s| Instant::now() >= s.end + LINGER) {
+            break;
+        }
+        let mut session = match Session::open(&host, port, &connect).await {
+            Ok(session) => session,
+            Err(e) => {
+                tracing::debug!(error = %e, device = %id, "load device could not connect");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if ever_connected {
+            common.reconnects.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ever_connected = true;
+            common.connected.fetch_add(1, Ordering::Relaxed);
+            common.connected_changed.notify_one();
+        }
+        // Packet ids and scheduled times of unacknowledged QoS 1 publishes, oldest first.
+        let mut inflight: VecDeque<(u16, i128)> = VecDeque::new();
+        let mut last_write = Instant::now();
+        let mut armed = None;
+        let ended = loop {
+            let ping_at = last_write + KEEP_ALIVE / 2;
+            let deadline = match schedule {
+                Some(s) if next < s.end => next.min(ping_at),
+                Some(_) if inflight.is_empty() => break Ok(()),
+                Some(s) => (s.end + LINGER).min(ping_at),
+                None => ping_at,
+            };
+            if armed != Some(deadline) {
+                timer.as_mut().reset(deadline);
+                armed = Some(deadline);
+            }
+            tokio::select! {
+                packet = session.next() => match packet {
+                    Ok(wire::Incoming::PubAck(acked)) => {
+                        common.acked.fetch_add(1, Ordering::Relaxed);
+                        let position = if inflight.front().is_some_and(|(p, _)| *p == acked) {
+                            Some(0)
+                        } else {
+                            inflight.iter().position(|(p, _)| *p == acked)
+                        };
+                        if let Some((_, scheduled)) = position.and_then(|i| inflight.remove(i)) {
+                            if scheduled >= measure_from {
+                                let latency = (nanos(SystemTime::now()) - scheduled).max(1) as u64;
+                                let _ = acks.record(latency.min(60_000_000_000));
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                },
+                changed = go.changed(), if schedule.is_none() => {
+                    if changed.is_err() {
+                        break 'connection;
+                    }
+                    if let Some(start) = *go.borrow_and_update() {
+                        let first = common.first_send(start, index);
+                        next = first;
+                        schedule = Some(Schedule { start, first, end: start.at + common.duration });
+                        measure_from = nanos(start.wall + common.warmup);
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) if common.qos > 0 => {
-                    if let Some(scheduled) = queued.pop_front() {
-                        by_pkid.insert(pkid, scheduled);
+                () = &mut timer => {
+                    armed = None;
+                    let now = Instant::now();
+                    match schedule {
+                        Some(s) if next < s.end && next <= now => {
+                            // Everything due, including what a slow moment delayed.
+                            let mut failed = None;
+                            while next < s.end && next <= now {
+                                seq += 1;
+                                let scheduled = s.start.wall + (next - s.start.at);
+                                let id = qos1.then(|| {
+                                    pkid = pkid.checked_add(1).unwrap_or(1);
+                                    pkid
+                                });
+                                wire::publish(&mut packet, &topic, id, envelopes.encode(common.seq_base + seq, scheduled));
+                                if let Err(e) = session.writer.write_all(&packet).await {
+                                    failed = Some(e);
+                                    break;
+                                }
+                                common.sent.fetch_add(1, Ordering::Relaxed);
+                                if let Some(id) = id {
+                                    inflight.push_back((id, nanos(scheduled)));
+                                }
+                                next = s.first + common.interval.mul_f64(seq as f64);
+                            }
+                            if let Some(e) = failed {
+                                break Err(e.into());
+                            }
+                            last_write = now;
+                        }
+                        Some(s) if next >= s.end && now >= s.end + LINGER => break Ok(()),
+                        _ if now >= ping_at => {
+                            if let Err(e) = session.writer.write_all(&wire::PINGREQ).await {
+                                break Err(e.into());
+                            }
+                            last_write = now;
+                        }
+                        _ => {}
                     }
-                }
-                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                    common.acked.fetch_add(1, Ordering::Relaxed);
-                    if let Some(scheduled) = by_pkid.remove(&ack.pkid).filter(|s| *s >= measure_from) {
-                        let latency = (nanos(SystemTime::now()) - scheduled).max(1) as u64;
-                        let _ = acks.record(latency.min(60_000_000_000));
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    connected = false;
-                    queued.clear();
-                    by_pkid.clear();
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            },
-            changed = go.changed(), if schedule.is_none() => {
-                if changed.is_err() {
-                    break;
-                }
-                if let Some(start) = *go.borrow_and_update() {
-                    let first = common.first_send(start, index);
-                    next = first;
-                    schedule = Some((start, first, start.at + common.duration));
-                    measure_from = nanos(start.wall + common.warmup);
                 }
             }
-            _ = tokio::time::sleep_until(next), if sending => {
-                let Some((start, first, _)) = schedule else { continue };
-                seq += 1;
-                let scheduled = start.wall + (next - start.at);
-                let payload = envelope(&id, common.seq_base + seq, scheduled, common.payload_bytes);
-                if client.try_publish(topic.clone(), qos, false, payload).is_ok() {
-                    common.sent.fetch_add(1, Ordering::Relaxed);
-                    if common.qos > 0 {
-                        queued.push_back(nanos(scheduled));
-                    }
-                }
-                next = first + common.interval.mul_f64(seq as f64);
+        };
+        match ended {
+            Ok(()) => {
+                let _ = session.writer.write_all(&wire::DISCONNECT).await;
+                break;
             }
-            _ = tokio::time::sleep_until(finished.unwrap_or_else(Instant::now)), if finished.is_some() && !sending => break,
+            Err(e) => {
+                tracing::debug!(error = %e, device = %id, "load device lost its connection");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
     }
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
     acks
 }
 
@@ -635,13 +804,14 @@ async fn nats_device(common: Common, index: u32, id: DeviceId, subject: String, 
     };
     let first = common.first_send(start, index);
     let end = start.at + common.duration;
+    let mut envelopes = Envelopes::new(&id, common.payload_bytes);
     let mut next = first;
     let mut seq = 0u64;
     while next < end {
         tokio::time::sleep_until(next).await;
         seq += 1;
         let scheduled = start.wall + (next - start.at);
-        let payload = envelope(&id, common.seq_base + seq, scheduled, common.payload_bytes);
+        let payload = envelopes.encode(common.seq_base + seq, scheduled).to_vec();
         if client
             .publish(subject.clone(), payload.into())
             .await
@@ -718,12 +888,16 @@ pub async fn run(
                 port,
                 secrets,
             } => {
-                let mut options = MqttOptions::new(id.as_str(), host.clone(), *port);
-                if let Some(secret) = secrets.as_ref().and_then(|s| s.get(id.as_str())) {
-                    options.set_credentials(id.as_str(), secret.as_str());
-                }
+                let secret = secrets.as_ref().and_then(|s| s.get(id.as_str())).cloned();
                 let topic = uplink.mqtt_topic();
-                devices.spawn(mqtt_device(common, d, id, topic, options));
+                devices.spawn(mqtt_device(
+                    common,
+                    d,
+                    id,
+                    topic,
+                    (host.clone(), *port),
+                    secret,
+                ));
             }
             Publisher::Nats { url } => {
                 let (subject, url) = (uplink.nats_subject(), url.clone());
