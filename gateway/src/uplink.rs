@@ -183,10 +183,22 @@ pub async fn run(
                 // Closed and empty: only in-flight work remains.
                 None => rx_open = false,
                 Some(incoming) => {
-                    metrics.uplink_queue_depth.dec();
-                    match validate(&incoming, settings.max_payload, SystemTime::now()) {
-                        Ok(seq) => in_flight.push(publish(&js, Pending { incoming, seq, attempt: 0 })),
-                        Err(rejection) => dead_letter(&js, &dead_letters, &metrics, incoming, rejection).await,
+                    // Let the other connections whose packets arrived with this one queue theirs
+                    // first, then take them all: their publishes leave in one write to NATS. The
+                    // scheduler would otherwise run this task right after each connection, and
+                    // every message would cost its own write, its own wake-up in nats-server and
+                    // its own write of the ack back.
+                    tokio::task::yield_now().await;
+                    let mut next = Some(incoming);
+                    while let Some(incoming) = next.take() {
+                        metrics.uplink_queue_depth.dec();
+                        match validate(&incoming, settings.max_payload, SystemTime::now()) {
+                            Ok(seq) => in_flight.push(publish(&js, Pending { incoming, seq, attempt: 0 })),
+                            Err(rejection) => dead_letter(&js, &dead_letters, &metrics, incoming, rejection).await,
+                        }
+                        if in_flight.len() < settings.max_in_flight {
+                            next = rx.try_recv().ok();
+                        }
                     }
                 }
             },
