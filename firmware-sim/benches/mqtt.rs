@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench -p liftwire-firmware-sim --bench mqtt
-//! cargo bench -p liftwire-firmware-sim --bench mqtt -- --devices 100,1000 --rates 10000,20000,30000,40000,60000 --seconds 2 --repeat 2
+//! cargo bench -p liftwire-firmware-sim --bench mqtt -- --devices 100,1000 --rates 10000,20000,30000,40000,60000,80000,100000 --seconds 2 --repeat 2
 //! ```
 //!
 //! Systems, each on fresh processes for every (devices, QoS) series, pinned with `taskset` to the
@@ -59,8 +59,8 @@ use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
 const USAGE: &str = "usage: cargo bench -p liftwire-firmware-sim --bench mqtt -- \
-    [--devices 100,1000] [--rates 10000,20000,30000,40000,60000] [--qos 0,1] [--seconds 2] [--repeat 2] \
-    [--systems raw,mosquitto,native,gateway] [--storm 1000] [--payload-bytes 200] \
+    [--devices 100,1000] [--rates 10000,20000,30000,40000,60000,80000,100000] [--qos 0,1] [--seconds 2] [--repeat 2] \
+    [--systems raw,mosquitto,native,gateway] [--storm 1000 (0: no storm)] [--payload-bytes 200] \
     [--sut-cpus 0] [--load-cpus 1]";
 
 /// The building all benchmark devices belong to.
@@ -130,7 +130,7 @@ fn list<T: std::str::FromStr>(value: &str) -> Vec<T> {
 fn parse_args(mut args: impl Iterator<Item = String>) -> Args {
     let mut parsed = Args {
         devices: vec![100, 1000],
-        rates: vec![10_000, 20_000, 30_000, 40_000, 60_000],
+        rates: vec![10_000, 20_000, 30_000, 40_000, 60_000, 80_000, 100_000],
         qos: vec![0, 1],
         seconds: 2,
         repeat: 2,
@@ -979,7 +979,7 @@ async fn bench(args: Args, pinned: bool) {
 
     let mut storms = Vec::new();
     for &system in &systems {
-        if system == System::Raw {
+        if system == System::Raw || args.storm == 0 {
             continue;
         }
         let sut = start(&env, system, 1).await;
