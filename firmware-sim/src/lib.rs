@@ -12,7 +12,6 @@ pub mod outbox;
 pub mod run;
 pub mod scenario;
 pub mod screen;
-pub mod wire;
 
 pub use elevator::{Elevator, ElevatorSpec, Incident, TrafficProfile};
 pub use fleet::{Fleet, FleetConfig};

@@ -19,11 +19,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use liftwire_proto::mqtt as wire;
 use liftwire_proto::naming::{BuildingId, DeviceId, Uplink, UplinkKind};
 use liftwire_proto::{timestamp, v1, Message, SCHEMA_VERSION};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
-
-use crate::wire;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -568,8 +567,8 @@ enum DeviceError {
     Malformed(#[from] wire::Malformed),
     #[error("CONNECT refused with return code {0}")]
     Refused(u8),
-    #[error("expected a CONNACK, got packet type {0:#04x}")]
-    NoConnAck(u8),
+    #[error("expected a CONNACK, got {0:?}")]
+    NoConnAck(wire::Incoming),
     #[error("the broker closed the connection")]
     Closed,
 }
@@ -601,9 +600,7 @@ impl Session {
         match session.next().await? {
             wire::Incoming::ConnAck(0) => Ok(session),
             wire::Incoming::ConnAck(code) => Err(DeviceError::Refused(code)),
-            wire::Incoming::PubAck(_) => Err(DeviceError::NoConnAck(0x40)),
-            wire::Incoming::PingResp => Err(DeviceError::NoConnAck(0xD0)),
-            wire::Incoming::Other(kind) => Err(DeviceError::NoConnAck(kind)),
+            other => Err(DeviceError::NoConnAck(other)),
         }
     }
 
@@ -740,7 +737,8 @@ async fn mqtt_device(
                                     pkid = pkid.checked_add(1).unwrap_or(1);
                                     pkid
                                 });
-                                wire::publish(&mut packet, &topic, id, envelopes.encode(common.seq_base + seq, scheduled));
+                                packet.clear();
+                                wire::put_publish(&mut packet, &topic, id, false, envelopes.encode(common.seq_base + seq, scheduled));
                                 if let Err(e) = session.writer.write_all(&packet).await {
                                     failed = Some(e);
                                     break;

@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use liftwire_proto::naming::{downlink_kind_filter, Downlink, DownlinkKind, RETAINED_STREAM};
-use liftwire_proto::{v1, Message};
+use liftwire_proto::{mqtt, v1, Message};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{v4::V4, Packet, Protocol};
 use rumqttd::Notification;
@@ -65,24 +65,13 @@ pub fn packet(
     // rumqttd only builds QoS 0 publishes for local links; encode a QoS 1 PUBLISH and let its own
     // codec parse it, so devices get at-least-once delivery of commands and content.
     let mut raw = BytesMut::with_capacity(topic.len() + payload.len() + 8);
-    let remaining = 2 + topic.len() + 2 + payload.len();
-    raw.put_u8(0x30 | 0b010 | u8::from(down.kind.retained()));
-    let mut len = remaining;
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        raw.put_u8(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    raw.put_u16(topic.len() as u16);
-    raw.put_slice(topic.as_bytes());
-    raw.put_u16(pkid.max(1));
-    raw.put_slice(&payload);
+    mqtt::put_publish(
+        &mut raw,
+        &topic,
+        Some(pkid.max(1)),
+        down.kind.retained(),
+        &payload,
+    );
     let packet = V4
         .read_mut(&mut raw, usize::MAX)
         .map_err(|_| DownlinkError::Payload(down.kind.as_str()))?;

@@ -8,10 +8,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{connect_packet, envelope, servers, Replica, CONNACK_OK, WAIT};
+use common::{connect_packet, envelope, login, servers, Replica, WAIT};
 use futures::{SinkExt, StreamExt};
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_gateway::edge::TlsConfig;
+use liftwire_proto::mqtt;
 use liftwire_proto::naming::{BuildingId, DeviceId};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -117,16 +118,7 @@ async fn idle_sockets_do_not_block_tls_handshakes_and_certificates_bind_the_devi
 
     let started = tokio::time::Instant::now();
     let mut device = tls_client(&pki, tls_addr).await;
-    device
-        .write_all(&connect_packet("elev-1", &secret))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    tokio::time::timeout(WAIT, device.read_exact(&mut connack))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(connack, CONNACK_OK);
+    login(&mut device, "elev-1", &secret).await;
     // Handshakes one after another would wait out each idle socket's 500 ms timeout (>= 2.5 s).
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -230,7 +222,7 @@ async fn browsers_speak_mqtt_over_websocket() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(reply.into_data().as_ref(), CONNACK_OK);
+    assert_eq!(reply.into_data().as_ref(), mqtt::CONNACK_ACCEPTED);
     assert!(gw.metrics().contains("liftwire_gateway_connections 1"));
     gw.stop().await;
 }

@@ -8,11 +8,10 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{
-    connect_packet, envelope, publish_packet, servers, Device, Replica, CONNACK_OK, WAIT,
-};
+use common::{connect_packet, envelope, login, servers, Device, Replica, WAIT};
 use futures::StreamExt;
 use liftwire_gateway::acl::DeviceKind;
+use liftwire_proto::mqtt;
 use liftwire_proto::naming::{BuildingId, DeviceId, DEAD_LETTER_STREAM, UPLINK_STREAM};
 use liftwire_proto::{v1, Message};
 
@@ -917,16 +916,7 @@ async fn uplink_publishes_are_acknowledged_by_the_connection_in_order() {
     let gw = Replica::start(&nats, &pg, "gw-1").await;
     let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
     let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    socket
-        .write_all(&connect_packet("elev-1", &secret))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    tokio::time::timeout(WAIT, socket.read_exact(&mut connack))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(connack, CONNACK_OK);
+    login(&mut socket, "elev-1", &secret).await;
 
     // Packet ids out of numeric order, a QoS 0 publish in between, all in one write.
     let topic = "lw/v1/b1/elev-1/up/event";
@@ -934,9 +924,15 @@ async fn uplink_publishes_are_acknowledged_by_the_connection_in_order() {
     let mut burst = Vec::new();
     for (i, pkid) in pkids.iter().enumerate() {
         let seq = i as u64 + 1;
-        burst.extend(publish_packet(topic, Some(*pkid), &envelope("elev-1", seq)));
+        mqtt::put_publish(
+            &mut burst,
+            topic,
+            Some(*pkid),
+            false,
+            &envelope("elev-1", seq),
+        );
         if i == 1 {
-            burst.extend(publish_packet(topic, None, &envelope("elev-1", 10)));
+            mqtt::put_publish(&mut burst, topic, None, false, &envelope("elev-1", 10));
         }
     }
     socket.write_all(&burst).await.unwrap();

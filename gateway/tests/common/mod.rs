@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use liftwire_gateway::registry::Registry;
 use liftwire_gateway::{Config, Gateway, MqttConfig};
-use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
+use liftwire_proto::{mqtt, v1, Message, Timestamp, SCHEMA_VERSION};
 use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::NatsConfig;
 use liftwire_runtime::service::{BuildContext, Service};
@@ -298,46 +298,25 @@ pub fn tracing_with_opentelemetry() {
     });
 }
 
-/// CONNACK accepting a connection (MQTT 3.1.1).
-pub const CONNACK_OK: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
-
-/// An MQTT 3.1.1 packet: fixed-header byte, remaining length, body.
-fn raw_packet(header: u8, body: Vec<u8>) -> Vec<u8> {
-    let mut packet = vec![header];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    packet.extend(body);
-    packet
-}
-
 /// A raw MQTT 3.1.1 CONNECT (clean session, keep-alive 30 s) with the client id as user name.
 pub fn connect_packet(client_id: &str, password: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0b1100_0010, 0, 30];
-    for field in [client_id, client_id, password] {
-        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
-        body.extend_from_slice(field.as_bytes());
-    }
-    raw_packet(0x10, body)
+    mqtt::connect(client_id, Some((client_id, password)), 30)
 }
 
-/// A raw PUBLISH with QoS 0 (no packet id) or QoS 1.
-pub fn publish_packet(topic: &str, qos1_pkid: Option<u16>, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    if let Some(pkid) = qos1_pkid {
-        body.extend_from_slice(&pkid.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    raw_packet(if qos1_pkid.is_some() { 0x32 } else { 0x30 }, body)
+/// Logs `device` in on a raw `stream` and checks that the gateway accepts it.
+pub async fn login<S>(stream: &mut S, device: &str, secret: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(&connect_packet(device, secret))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, mqtt::CONNACK_ACCEPTED);
 }

@@ -1,11 +1,15 @@
-//! The few MQTT 3.1.1 packets a load device needs, written and read straight on its socket.
+//! The few MQTT 3.1.1 packets liftwire writes and reads by hand, without a client library.
 //!
-//! The load generator must outrun the systems it measures on a single core. A general client
-//! (rumqttc: a request channel, an event loop and an event per packet) costs several times the
-//! broker's own work per message, so load devices speak the protocol directly: one `write` per
-//! PUBLISH from a reused buffer, PUBACKs parsed in place from whatever one `read` returned.
+//! * The gateway's downlink bridge encodes a QoS 1 PUBLISH for rumqttd's codec to parse.
+//! * The simulator's load devices must outrun the systems they measure on a single core. A general
+//!   client (rumqttc: a request channel, an event loop and an event per packet) costs several
+//!   times the broker's own work per message, so they speak the protocol directly: one `write`
+//!   per PUBLISH from a reused buffer, PUBACKs parsed in place from whatever one `read` returned.
+//! * Raw-protocol tests of the gateway write exact packets (split, bursts, odd packet ids).
 
 use std::fmt;
+
+use prost::bytes::BufMut;
 
 /// Packet type nibbles (first byte, high four bits).
 const CONNECT: u8 = 0x10;
@@ -14,6 +18,8 @@ const PUBLISH: u8 = 0x30;
 const PUBACK: u8 = 0x40;
 const PINGRESP: u8 = 0xD0;
 
+/// A CONNACK accepting the connection (session not present).
+pub const CONNACK_ACCEPTED: [u8; 4] = [CONNACK, 0x02, 0x00, 0x00];
 /// A PINGREQ packet.
 pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
 /// A DISCONNECT packet.
@@ -45,23 +51,23 @@ impl fmt::Display for Malformed {
 impl std::error::Error for Malformed {}
 
 /// Appends MQTT's variable-length "remaining length".
-fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
+pub fn put_remaining_length(out: &mut impl BufMut, mut len: usize) {
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
         if len > 0 {
             byte |= 0x80;
         }
-        out.push(byte);
+        out.put_u8(byte);
         if len == 0 {
             break;
         }
     }
 }
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
+fn put_str(out: &mut impl BufMut, s: &str) {
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
 }
 
 /// A CONNECT with a clean session, `keep_alive` seconds and, if given, username and password.
@@ -83,21 +89,23 @@ pub fn connect(client_id: &str, credentials: Option<(&str, &str)>, keep_alive: u
     packet
 }
 
-/// Writes a PUBLISH of `payload` on `topic` into `out` (cleared first); QoS 1 if `pkid` is given.
-pub fn publish(out: &mut Vec<u8>, topic: &str, pkid: Option<u16>, payload: &[u8]) {
-    out.clear();
-    out.push(if pkid.is_some() {
-        PUBLISH | 0b10
-    } else {
-        PUBLISH
-    });
+/// Appends a PUBLISH of `payload` on `topic` to `out`: QoS 1 if `pkid` is given, else QoS 0.
+pub fn put_publish(
+    out: &mut impl BufMut,
+    topic: &str,
+    pkid: Option<u16>,
+    retain: bool,
+    payload: &[u8],
+) {
+    let qos = if pkid.is_some() { 0b010 } else { 0 };
+    out.put_u8(PUBLISH | qos | u8::from(retain));
     let len = 2 + topic.len() + if pkid.is_some() { 2 } else { 0 } + payload.len();
     put_remaining_length(out, len);
     put_str(out, topic);
     if let Some(pkid) = pkid {
-        out.extend_from_slice(&pkid.to_be_bytes());
+        out.put_u16(pkid);
     }
-    out.extend_from_slice(payload);
+    out.put_slice(payload);
 }
 
 /// Takes the first complete packet off `buf`: `Ok(None)` if more bytes are needed.
@@ -178,11 +186,18 @@ mod tests {
             ]
             .concat()
         );
-        let mut out = vec![9; 3];
-        publish(&mut out, "a/b", Some(0x0102), b"xy");
-        assert_eq!(out, [&[0x32, 9, 0, 3][..], b"a/b", &[1, 2], b"xy"].concat());
-        publish(&mut out, "a/b", None, b"xy");
+        let mut out = vec![9];
+        put_publish(&mut out, "a/b", Some(0x0102), false, b"xy");
+        assert_eq!(
+            out,
+            [&[9, 0x32, 9, 0, 3][..], b"a/b", &[1, 2], b"xy"].concat()
+        );
+        out.clear();
+        put_publish(&mut out, "a/b", None, false, b"xy");
         assert_eq!(out, [&[0x30, 7, 0, 3][..], b"a/b", b"xy"].concat());
+        out.clear();
+        put_publish(&mut out, "a/b", Some(1), true, b"");
+        assert_eq!(out, [&[0x33, 7, 0, 3][..], b"a/b", &[0, 1]].concat());
     }
 
     #[test]
