@@ -735,6 +735,12 @@ async fn storm_phase(
     )
 }
 
+/// Disconnects every storm client of a phase and waits until they are gone.
+async fn hang_up(release: CancellationToken, mut clients: tokio::task::JoinSet<()>) {
+    release.cancel();
+    while clients.join_next().await.is_some() {}
+}
+
 async fn storm(env: &Env, sut: &Sut, n: u32, authenticated: bool) -> Storm {
     let addr = sut.mqtt.expect("an MQTT system");
     let per_1k =
@@ -742,23 +748,20 @@ async fn storm(env: &Env, sut: &Sut, n: u32, authenticated: bool) -> Storm {
     // Idle connections alone: connect, let buffers settle, measure, leave.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = sut.rss_kib();
-    let (_, release, mut clients) = storm_phase(env, addr, n, authenticated, false).await;
+    let (_, release, clients) = storm_phase(env, addr, n, authenticated, false).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let kib_per_1k_connected = per_1k(rss_before, sut.rss_kib());
-    release.cancel();
-    while clients.join_next().await.is_some() {}
+    hang_up(release, clients).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The storm: everyone connects and subscribes at once...
     let rss_before = sut.rss_kib();
-    let (first, release, mut clients) = storm_phase(env, addr, n, authenticated, true).await;
+    let (first, release, clients) = storm_phase(env, addr, n, authenticated, true).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let kib_per_1k_subscribed = per_1k(rss_before, sut.rss_kib());
     // ...everyone disconnects at once, and comes back at once.
-    release.cancel();
-    while clients.join_next().await.is_some() {}
-    let (reconnect, release, mut clients) = storm_phase(env, addr, n, authenticated, true).await;
-    release.cancel();
-    while clients.join_next().await.is_some() {}
+    hang_up(release, clients).await;
+    let (reconnect, release, clients) = storm_phase(env, addr, n, authenticated, true).await;
+    hang_up(release, clients).await;
     Storm {
         first,
         reconnect,
