@@ -183,6 +183,10 @@ pub async fn run(
                 // Closed and empty: only in-flight work remains.
                 None => rx_open = false,
                 Some(incoming) => {
+                    // Counted out of the queue as it leaves the channel, not after the yield: the
+                    // freed slot may be refilled meanwhile, and the gauge must never read more
+                    // than the channel can hold.
+                    metrics.uplink_queue_depth.dec();
                     // Let the other connections whose packets arrived with this one queue theirs
                     // first, then take them all: their publishes leave in one write to NATS. The
                     // scheduler would otherwise run this task right after each connection, and
@@ -191,13 +195,15 @@ pub async fn run(
                     tokio::task::yield_now().await;
                     let mut next = Some(incoming);
                     while let Some(incoming) = next.take() {
-                        metrics.uplink_queue_depth.dec();
                         match validate(&incoming, settings.max_payload, SystemTime::now()) {
                             Ok(seq) => in_flight.push(publish(&js, Pending { incoming, seq, attempt: 0 })),
                             Err(rejection) => dead_letter(&js, &dead_letters, &metrics, incoming, rejection).await,
                         }
                         if in_flight.len() < settings.max_in_flight {
                             next = rx.try_recv().ok();
+                            if next.is_some() {
+                                metrics.uplink_queue_depth.dec();
+                            }
                         }
                     }
                 }
