@@ -30,6 +30,8 @@ pub struct Metrics {
     pub auth_failures: Family<Reason, Counter>,
     /// Connections closed for breaking the access rules.
     pub acl_violations: Family<Reason, Counter>,
+    /// Connections closed for a packet the MQTT codec refused (malformed or over the size limit).
+    pub packet_errors: Family<Reason, Counter>,
     /// Uplink messages stored in JetStream.
     pub uplink_messages: Family<Kind, Counter>,
     /// Uplink messages dead-lettered.
@@ -57,6 +59,7 @@ impl Metrics {
             connections: Gauge::default(),
             auth_failures: Family::default(),
             acl_violations: Family::default(),
+            packet_errors: Family::default(),
             uplink_messages: Family::default(),
             uplink_rejects: Family::default(),
             uplink_dropped: Family::default(),
@@ -82,6 +85,11 @@ impl Metrics {
             "acl_violations",
             "Connections closed for breaking the access rules, by reason",
             m.acl_violations.clone(),
+        );
+        r.register(
+            "packet_errors",
+            "Connections closed for a packet the MQTT codec refused, by reason",
+            m.packet_errors.clone(),
         );
         r.register(
             "uplink_messages",

@@ -120,6 +120,22 @@ impl<P> Guard<P> {
         Error::InvalidProtocol
     }
 
+    /// Counts and logs a packet the codec refused; the connection closes on the returned error.
+    fn refused(&self, error: Error) -> Error {
+        let reason = match error {
+            Error::PayloadSizeLimitExceeded(_) => "too_large",
+            _ => "malformed",
+        };
+        self.shared
+            .metrics
+            .packet_errors
+            .get_or_create(&Reason { reason })
+            .inc();
+        let client = self.conn().client_id.clone().unwrap_or_default();
+        tracing::warn!(device = %client, reason, error = %error, "closing connection: packet refused");
+        error
+    }
+
     fn drop_uplink(&self, reason: &'static str) {
         self.shared
             .metrics
@@ -173,7 +189,14 @@ impl<P> Drop for Guard<P> {
 impl<P: Protocol> Protocol for Guard<P> {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
         let header = stream.first().copied();
-        let packet = self.inner.read_mut(stream, max_size)?;
+        let packet = match self.inner.read_mut(stream, max_size) {
+            Ok(packet) => packet,
+            // Not an error: the rest of the packet has not arrived yet.
+            Err(Error::InsufficientBytes(required)) => {
+                return Err(Error::InsufficientBytes(required))
+            }
+            Err(e) => return Err(self.refused(e)),
+        };
         let session = {
             let mut conn = self.conn();
             if conn.session.is_none() {

@@ -279,6 +279,65 @@ async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_packet_over_the_size_limit_closes_only_its_connection_and_is_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (nats, pg) = servers().await;
+    let gw = Replica::start_with(&nats, &pg, "gw-1", |mqtt| mqtt.max_payload_bytes = 1024).await;
+    let a = provision(&gw, "b1", "elev-a", DeviceKind::Elevator).await;
+    let b = provision(&gw, "b1", "elev-b", DeviceKind::Elevator).await;
+    let bystander = Device::connect(gw.addr, "elev-b", "elev-b", &b)
+        .connected()
+        .await;
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    login(&mut socket, "elev-a", &a).await;
+    let topic = "lw/v1/b1/elev-a/up/event";
+
+    // Accepted first, then a publish one byte over the limit.
+    let mut packet = Vec::new();
+    mqtt::put_publish(&mut packet, topic, Some(1), false, &envelope("elev-a", 1));
+    socket.write_all(&packet).await.unwrap();
+    let mut puback = [0u8; 4];
+    tokio::time::timeout(WAIT, socket.read_exact(&mut puback))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(puback, [0x40, 0x02, 0, 1]);
+    let mut oversized = Vec::new();
+    mqtt::put_publish(&mut oversized, topic, Some(2), false, &[0u8; 1025]);
+    // The gateway may close before reading it all: the write's outcome is not the point.
+    let _ = socket.write_all(&oversized).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, socket.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the connection is closed after the oversized packet"
+    );
+    assert!(
+        rest.is_empty(),
+        "no PUBACK for the refused packet: {rest:?}"
+    );
+
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains("liftwire_gateway_packet_errors_total{reason=\"too_large\"} 1"),
+        "{metrics}"
+    );
+    // The other device is untouched; only the accepted message and the bystander's are stored.
+    bystander
+        .publish("lw/v1/b1/elev-b/up/event", envelope("elev-b", 1))
+        .await;
+    let js = jetstream::new(nats.client().await.unwrap());
+    let stored = stream_messages(&js, UPLINK_STREAM.name, 2).await;
+    let mut subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
+    subjects.sort_unstable();
+    assert_eq!(
+        subjects,
+        ["lw.v1.up.b1.elev-a.event", "lw.v1.up.b1.elev-b.event"]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn downlink_reaches_exactly_the_addressed_device_on_any_replica_and_content_is_retained() {
     let (nats, pg) = servers().await;
     let gw1 = Replica::start(&nats, &pg, "gw-1").await;
