@@ -115,8 +115,10 @@ pub enum Chaos {
     /// The device loses the network for a while (no packets at all, no DISCONNECT), keeps
     /// producing into its outbox, and replays the backlog after reconnecting.
     Partition(Duration),
-    /// The device misbehaves: malformed payload, an envelope claiming another device, a payload
-    /// over the size limit, and a publish on another device's topic.
+    /// The device misbehaves: a malformed payload, an envelope claiming another device and a
+    /// payload over the size limit on its connection, then, on its next connection, a publish on
+    /// another device's topic. (The oversized packet and the foreign topic each cost the device
+    /// its connection, so both need one.)
     Misbehave,
     /// Drop the connection and reconnect at once (all devices together make a connect storm).
     Reconnect,
@@ -222,6 +224,8 @@ pub async fn run(
     options.set_credentials(device.as_str(), secret);
     options.set_keep_alive(settings.keep_alive);
     options.set_clean_session(true);
+    // The gateway, not this client, must be the one that refuses an oversized publish.
+    options.set_max_packet_size(options.max_packet_size(), OVERSIZED + 1024);
     // Real firmware registers a last will; the gateway drops it and reports presence itself
     // (a will would bypass its checks), so this only proves the gateway tolerates one.
     let will_topic = Uplink {
@@ -254,6 +258,10 @@ pub async fn run(
     let mut resend_from: Option<u64> = None;
     let mut last_progress = Instant::now();
     let mut chaos_open = true;
+    // A misbehaving device publishes on a foreign topic as soon as it is connected again, on each
+    // new connection until one that carried it is closed (by the gateway, for it).
+    let mut trespass = false;
+    let mut trespassed = false;
     let per_tick = (settings.resend_per_second as f64 * TICK.as_secs_f64()).ceil() as usize;
     let sim_ms_per_tick = (TICK.as_millis() as f64 * settings.speed) as u64;
 
@@ -281,10 +289,14 @@ pub async fn run(
                             stats.disconnects.fetch_add(1, Ordering::Relaxed);
                         }
                         connected = false;
+                        trespassed = false;
                         link = Link::open(&options, true);
                         retry_at = Some(Instant::now() + duration);
                     }
-                    Chaos::Misbehave => misbehave(&link.client, &building, &device),
+                    Chaos::Misbehave => {
+                        misbehave(&link.client, &building, &device);
+                        trespass = true;
+                    }
                     Chaos::Incident(incident) => {
                         if let Firmware::Elevator(elevator) = &mut firmware {
                             for envelope in elevator.inject(incident) {
@@ -304,6 +316,7 @@ pub async fn run(
                             stats.disconnects.fetch_add(1, Ordering::Relaxed);
                         }
                         connected = false;
+                        trespassed = false;
                         // A fresh client drops the old TCP connection and dials at once.
                         link = Link::open(&options, false);
                         retry_at = None;
@@ -345,6 +358,10 @@ pub async fn run(
                     }
                     resend_from = (!outbox.is_empty()).then(|| outbox.watermark() + 1);
                     last_progress = Instant::now();
+                    if trespass {
+                        publish_foreign(&link.client, &building, &device);
+                        trespassed = true;
+                    }
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) if publish.topic == watermark_topic => {
                     if let Ok(v1::Downlink { body: Some(v1::downlink::Body::Watermark(w)), .. }) = v1::Downlink::decode(publish.payload.as_ref()) {
@@ -367,6 +384,9 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    if std::mem::take(&mut trespassed) {
+                        trespass = false;
+                    }
                     if connected {
                         stats.connected.fetch_sub(1, Ordering::Relaxed);
                         stats.disconnects.fetch_add(1, Ordering::Relaxed);
@@ -429,7 +449,11 @@ fn resend(
     None
 }
 
-/// Publishes what a broken or malicious firmware would.
+/// Size of the oversized payload a misbehaving device sends (the gateway's limit is far lower).
+const OVERSIZED: usize = 2 * 1024 * 1024;
+
+/// Publishes what a broken or malicious firmware would, in an order that gets each to the
+/// gateway: the oversized packet last, as the gateway closes the connection on it.
 fn misbehave(client: &AsyncClient, building: &BuildingId, device: &DeviceId) {
     let own = Uplink {
         building: building.clone(),
@@ -443,12 +467,6 @@ fn misbehave(client: &AsyncClient, building: &BuildingId, device: &DeviceId) {
         seq: 1,
         ..Default::default()
     };
-    let other = Uplink {
-        building: building.clone(),
-        device: DeviceId::new(format!("{device}-x")).unwrap_or_else(|_| device.clone()),
-        kind: UplinkKind::Event,
-    }
-    .mqtt_topic();
     let _ = client.try_publish(
         own.clone(),
         QoS::AtLeastOnce,
@@ -461,6 +479,16 @@ fn misbehave(client: &AsyncClient, building: &BuildingId, device: &DeviceId) {
         false,
         impostor.encode_to_vec(),
     );
-    let _ = client.try_publish(own, QoS::AtLeastOnce, false, vec![0u8; 2 * 1024 * 1024]);
+    let _ = client.try_publish(own, QoS::AtLeastOnce, false, vec![0u8; OVERSIZED]);
+}
+
+/// Publishes on another device's topic (the gateway closes the connection on it).
+fn publish_foreign(client: &AsyncClient, building: &BuildingId, device: &DeviceId) {
+    let other = Uplink {
+        building: building.clone(),
+        device: DeviceId::new(format!("{device}-x")).unwrap_or_else(|_| device.clone()),
+        kind: UplinkKind::Event,
+    }
+    .mqtt_topic();
     let _ = client.try_publish(other, QoS::AtLeastOnce, false, vec![1]);
 }

@@ -171,7 +171,15 @@ async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
         reasons.push(letter.reason);
     }
     reasons.sort();
-    assert_eq!(reasons, ["decode", "device_mismatch"]);
+    let metrics = gw.metrics();
+    assert_eq!(reasons, ["decode", "device_mismatch"], "{metrics}");
+    // The oversized publish and the foreign topic each cost it a connection, counted once.
+    for counted in [
+        "liftwire_gateway_packet_errors_total{reason=\"too_large\"} 1",
+        "liftwire_gateway_acl_violations_total{reason=\"foreign_topic\"} 1",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in\n{metrics}");
+    }
 
     gw.running.stop().await;
     ingest.stop().await;

@@ -93,16 +93,11 @@ async fn screens_fetch_media_by_reference_verify_it_and_acknowledge() {
                 .unwrap()
         }
     });
-    let state = gw.ctx.admin_state();
-    eventually("the fleet is connected", Duration::from_secs(20), || {
-        let state = state.clone();
-        async move {
-            let mut out = String::new();
-            prometheus_client::encoding::text::encode(&mut out, &state.registry.read().unwrap())
-                .unwrap();
-            out.contains("liftwire_gateway_connections 4")
-        }
-    })
+    eventually(
+        "the fleet is connected",
+        Duration::from_secs(20),
+        || async { gw.metrics().contains("liftwire_gateway_connections 4") },
+    )
     .await;
 
     let image = b"\x89PNG fake image bytes of a notice".repeat(50);

@@ -39,6 +39,17 @@ pub struct RunningGateway {
     pub running: Running,
 }
 
+impl RunningGateway {
+    /// The gateway's metrics in Prometheus text format.
+    pub fn metrics(&self) -> String {
+        let state = self.ctx.admin_state();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &state.registry.read().unwrap())
+            .unwrap();
+        out
+    }
+}
+
 pub async fn gateway(nats: &Nats, registry_url: &str, listen: SocketAddr) -> RunningGateway {
     let config = GatewayConfig {
         nats: NatsConfig {
