@@ -112,6 +112,29 @@ async fn envelope_round_trips_through_jetstream_once_per_device_sequence() {
 }
 
 #[tokio::test]
+async fn the_duplicate_window_is_the_configured_one_and_redeclaring_updates_it() {
+    let nats = Nats::start().expect("nats-server starts");
+    let js = jetstream::new(nats.client().await.expect("connects"));
+    let mut config = NatsConfig {
+        url: nats.url(),
+        duplicate_window: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let mut stream = ensure_stream(&js, &UPLINK_STREAM, &config).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.duplicate_window,
+        Duration::from_secs(30)
+    );
+    // An operator changes the setting: the next start applies it to the existing stream.
+    config.duplicate_window = Duration::from_secs(5 * 60);
+    let mut stream = ensure_stream(&js, &UPLINK_STREAM, &config).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().config.duplicate_window,
+        Duration::from_secs(5 * 60)
+    );
+}
+
+#[tokio::test]
 async fn jetstream_data_survives_a_server_restart() {
     let mut nats = Nats::start().expect("nats-server starts");
     let config = NatsConfig {

@@ -23,6 +23,13 @@ pub struct NatsConfig {
     pub stream_storage: StreamStorage,
     /// Replicas of the contract's streams (1 for a single server, 3 for a cluster).
     pub stream_replicas: usize,
+    /// How long JetStream remembers each `Nats-Msg-Id` to drop a re-published duplicate. The
+    /// server keeps one entry per message for this long (uplink rate × window: 1.2 million at
+    /// 10k msg/s for 2 min), so a longer window costs its memory and garbage collection; a
+    /// duplicate older than the window is stored again and dropped by the consumers, which
+    /// de-duplicate on the device's sequence number anyway.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
 }
 
 /// Where JetStream keeps stream data.
@@ -45,6 +52,7 @@ impl Default for NatsConfig {
             client_capacity: 65_536,
             stream_storage: StreamStorage::File,
             stream_replicas: 1,
+            duplicate_window: DEFAULT_DUPLICATE_WINDOW,
         }
     }
 }
@@ -118,8 +126,9 @@ pub async fn connect(
         })
 }
 
-/// How long JetStream remembers `Nats-Msg-Id`s to drop duplicate publishes.
-pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// Default [`NatsConfig::duplicate_window`]: NATS's own default, well beyond the gateway's
+/// publish retries (their backoff tops out at 5 s).
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
 
 /// Creates `spec`'s stream, or updates it to the contract's settings if it exists.
 pub async fn ensure_stream(
@@ -136,7 +145,7 @@ pub async fn ensure_stream(
             StreamStorage::Memory => stream::StorageType::Memory,
         },
         num_replicas: config.stream_replicas,
-        duplicate_window: DUPLICATE_WINDOW,
+        duplicate_window: config.duplicate_window,
         max_messages_per_subject: spec.max_msgs_per_subject,
         ..Default::default()
     };
