@@ -120,14 +120,24 @@ struct Args {
     load_cpus: String,
 }
 
-fn list<T: std::str::FromStr>(value: &str) -> Vec<T> {
-    value
-        .split(',')
-        .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{USAGE}")))
-        .collect()
+/// Why the command line was not run: help was asked for, or an argument is wrong.
+enum ArgsError {
+    Help,
+    Invalid(String),
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Args {
+fn parse<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, ArgsError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ArgsError::Invalid(format!("{flag}: cannot read {value:?}")))
+}
+
+fn list<T: std::str::FromStr>(flag: &str, value: &str) -> Result<Vec<T>, ArgsError> {
+    value.split(',').map(|v| parse(flag, v)).collect()
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
     let mut parsed = Args {
         devices: vec![100, 1000],
         rates: vec![10_000, 20_000, 30_000, 40_000, 60_000, 80_000, 100_000],
@@ -146,29 +156,39 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Args {
         load_cpus: "1".into(),
     };
     while let Some(flag) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{USAGE}"));
+        // cargo bench passes --bench to harness-less benchmarks.
+        if flag == "--bench" {
+            continue;
+        }
+        if flag == "--help" || flag == "-h" {
+            return Err(ArgsError::Help);
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| ArgsError::Invalid(format!("{flag} needs a value")))?;
         match flag.as_str() {
-            "--devices" => parsed.devices = list(&value()),
-            "--rates" => parsed.rates = list(&value()),
-            "--qos" => parsed.qos = list(&value()),
-            "--seconds" => parsed.seconds = value().parse().expect(USAGE),
-            "--repeat" => parsed.repeat = value().parse::<usize>().expect(USAGE).max(1),
+            "--devices" => parsed.devices = list(&flag, &value)?,
+            "--rates" => parsed.rates = list(&flag, &value)?,
+            "--qos" => parsed.qos = list(&flag, &value)?,
+            "--seconds" => parsed.seconds = parse(&flag, &value)?,
+            "--repeat" => parsed.repeat = parse::<usize>(&flag, &value)?.max(1),
             "--systems" => {
-                parsed.systems = value()
+                parsed.systems = value
                     .split(',')
-                    .map(|s| System::parse(s.trim()).unwrap_or_else(|| panic!("{USAGE}")))
-                    .collect()
+                    .map(|s| {
+                        System::parse(s.trim())
+                            .ok_or_else(|| ArgsError::Invalid(format!("unknown system {s:?}")))
+                    })
+                    .collect::<Result<_, _>>()?
             }
-            "--storm" => parsed.storm = value().parse().expect(USAGE),
-            "--payload-bytes" => parsed.payload_bytes = value().parse().expect(USAGE),
-            "--sut-cpus" => parsed.sut_cpus = value(),
-            "--load-cpus" => parsed.load_cpus = value(),
-            // cargo bench passes --bench to harness-less benchmarks.
-            "--bench" => {}
-            _ => panic!("unknown argument {flag}\n{USAGE}"),
+            "--storm" => parsed.storm = parse(&flag, &value)?,
+            "--payload-bytes" => parsed.payload_bytes = parse(&flag, &value)?,
+            "--sut-cpus" => parsed.sut_cpus = value,
+            "--load-cpus" => parsed.load_cpus = value,
+            _ => return Err(ArgsError::Invalid(format!("unknown argument {flag}"))),
         }
     }
-    parsed
+    Ok(parsed)
 }
 
 fn main() -> ExitCode {
@@ -186,7 +206,17 @@ fn main() -> ExitCode {
             liftwire_gateway::Gateway,
         >(config));
     }
-    let args = parse_args(args);
+    let args = match parse_args(args) {
+        Ok(args) => args,
+        Err(ArgsError::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(ArgsError::Invalid(error)) => {
+            eprintln!("{error}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
     // Pin the load generator before the runtime starts, so every worker thread inherits it.
     let pinned = Command::new("taskset")
         .args([
