@@ -110,11 +110,7 @@ impl Replica {
 
     /// The replica's metrics in Prometheus text format.
     pub fn metrics(&self) -> String {
-        let state = self.ctx.admin_state();
-        let registry = state.registry.read().unwrap();
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
-        out
+        self.ctx.admin_state().metrics_text().unwrap()
     }
 
     pub async fn stop(self) {

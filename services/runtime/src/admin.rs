@@ -89,6 +89,16 @@ pub struct AdminState {
     pub readiness: Readiness,
 }
 
+impl AdminState {
+    /// The registry in Prometheus text format, as `/metrics` serves it (tests read it here).
+    pub fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        let registry = self.registry.read().unwrap_or_else(PoisonError::into_inner);
+        prometheus_client::encoding::text::encode(&mut text, &registry)?;
+        Ok(text)
+    }
+}
+
 /// The admin router (exposed for tests and for binaries that mount it elsewhere).
 pub fn router(state: AdminState) -> Router {
     Router::new()
@@ -113,13 +123,8 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     if let Some(rss) = resident_memory_bytes() {
         state.resident_memory.set(rss);
     }
-    let mut body = String::new();
-    let registry = state
-        .registry
-        .read()
-        .unwrap_or_else(PoisonError::into_inner);
-    match prometheus_client::encoding::text::encode(&mut body, &registry) {
-        Ok(()) => (
+    match state.metrics_text() {
+        Ok(body) => (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -583,8 +583,7 @@ async fn measure_service(
 /// receiving a batch to its commit (validate + write_batch), without fetching, acknowledging
 /// and publishing watermarks and states.
 fn batch_seconds(ctx: &BuildContext) -> (u64, f64) {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &ctx.registry()).expect("metrics encode");
+    let text = ctx.admin_state().metrics_text().expect("metrics encode");
     let value = |suffix: &str| {
         text.lines()
             .find(|l| {

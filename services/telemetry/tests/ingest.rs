@@ -78,8 +78,7 @@ async fn replica(
 
 /// Reads a counter (summed over its labels) from a replica's metrics.
 fn counter(ctx: &BuildContext, name: &str) -> u64 {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &ctx.registry()).unwrap();
+    let text = ctx.admin_state().metrics_text().unwrap();
     text.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

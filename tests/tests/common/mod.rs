@@ -42,11 +42,7 @@ pub struct RunningGateway {
 impl RunningGateway {
     /// The gateway's metrics in Prometheus text format.
     pub fn metrics(&self) -> String {
-        let state = self.ctx.admin_state();
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &state.registry.read().unwrap())
-            .unwrap();
-        out
+        self.ctx.admin_state().metrics_text().unwrap()
     }
 }
 
