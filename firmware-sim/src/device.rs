@@ -258,10 +258,7 @@ pub async fn run(
     let mut resend_from: Option<u64> = None;
     let mut last_progress = Instant::now();
     let mut chaos_open = true;
-    // A misbehaving device publishes on a foreign topic as soon as it is connected again, on each
-    // new connection until one that carried it is closed (by the gateway, for it).
-    let mut trespass = false;
-    let mut trespassed = false;
+    let mut trespass = Trespass::No;
     let per_tick = (settings.resend_per_second as f64 * TICK.as_secs_f64()).ceil() as usize;
     let sim_ms_per_tick = (TICK.as_millis() as f64 * settings.speed) as u64;
 
@@ -289,13 +286,15 @@ pub async fn run(
                             stats.disconnects.fetch_add(1, Ordering::Relaxed);
                         }
                         connected = false;
-                        trespassed = false;
+                        trespass = trespass.unsent();
                         link = Link::open(&options, true);
                         retry_at = Some(Instant::now() + duration);
                     }
                     Chaos::Misbehave => {
                         misbehave(&link.client, &building, &device);
-                        trespass = true;
+                        if trespass == Trespass::No {
+                            trespass = Trespass::Pending;
+                        }
                     }
                     Chaos::Incident(incident) => {
                         if let Firmware::Elevator(elevator) = &mut firmware {
@@ -316,7 +315,7 @@ pub async fn run(
                             stats.disconnects.fetch_add(1, Ordering::Relaxed);
                         }
                         connected = false;
-                        trespassed = false;
+                        trespass = trespass.unsent();
                         // A fresh client drops the old TCP connection and dials at once.
                         link = Link::open(&options, false);
                         retry_at = None;
@@ -358,9 +357,9 @@ pub async fn run(
                     }
                     resend_from = (!outbox.is_empty()).then(|| outbox.watermark() + 1);
                     last_progress = Instant::now();
-                    if trespass {
+                    if trespass != Trespass::No {
                         publish_foreign(&link.client, &building, &device);
-                        trespassed = true;
+                        trespass = Trespass::Sent;
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) if publish.topic == watermark_topic => {
@@ -384,8 +383,8 @@ pub async fn run(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if std::mem::take(&mut trespassed) {
-                        trespass = false;
+                    if trespass == Trespass::Sent {
+                        trespass = Trespass::No;
                     }
                     if connected {
                         stats.connected.fetch_sub(1, Ordering::Relaxed);
@@ -447,6 +446,27 @@ fn resend(
         send(client, building, envelope, stats);
     }
     None
+}
+
+/// A misbehaving device's publish on a foreign topic: sent on each new connection until one that
+/// carried it is closed (by the gateway, for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trespass {
+    No,
+    /// To send once connected.
+    Pending,
+    /// Sent on the current connection.
+    Sent,
+}
+
+impl Trespass {
+    /// After the connection was replaced by the device itself: not done yet.
+    fn unsent(self) -> Self {
+        match self {
+            Trespass::Sent => Trespass::Pending,
+            other => other,
+        }
+    }
 }
 
 /// Size of the oversized payload a misbehaving device sends (the gateway's limit is far lower).
