@@ -9,10 +9,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use liftwire_proto::naming::{
-    uplink_msg_id, BuildingId, DeviceId, Uplink, UplinkKind, UPLINK_STREAM,
+    uplink_msg_id, BuildingId, DeviceId, Uplink, UplinkKind, DEAD_LETTER_STREAM, RETAINED_STREAM,
+    UPLINK_STREAM,
 };
 use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
-use liftwire_runtime::nats::{ensure_stream, NatsConfig, StreamStorage};
+use liftwire_runtime::nats::{ensure_stream, NatsConfig, NatsError, StreamStorage};
 use liftwire_testkit::Nats;
 
 fn telemetry(device: &str, seq: u64) -> v1::Envelope {
@@ -132,6 +133,70 @@ async fn the_duplicate_window_is_the_configured_one_and_redeclaring_updates_it()
         stream.info().await.unwrap().config.duplicate_window,
         Duration::from_secs(5 * 60)
     );
+}
+
+#[tokio::test]
+async fn each_stream_keeps_messages_for_its_configured_age_and_redeclaring_updates_it() {
+    let nats = Nats::start().expect("nats-server starts");
+    let js = jetstream::new(nats.client().await.expect("connects"));
+    let hour = Duration::from_secs(3600);
+    let mut config = NatsConfig {
+        url: nats.url(),
+        uplink_max_age: hour,
+        dead_letter_max_age: 2 * hour,
+        ..Default::default()
+    };
+    let max_age = |spec| {
+        let (js, config) = (js.clone(), config.clone());
+        async move {
+            let mut stream = ensure_stream(&js, spec, &config).await.unwrap();
+            stream.info().await.unwrap().config.max_age
+        }
+    };
+    assert_eq!(max_age(&UPLINK_STREAM).await, hour);
+    assert_eq!(max_age(&DEAD_LETTER_STREAM).await, 2 * hour);
+    // The latest screen content and watermark of a device stay however old they are.
+    assert_eq!(max_age(&RETAINED_STREAM).await, Duration::ZERO);
+
+    config.uplink_max_age = 3 * hour;
+    let mut stream = ensure_stream(&js, &UPLINK_STREAM, &config).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.max_age, 3 * hour);
+}
+
+#[tokio::test]
+async fn a_max_age_below_the_duplicate_window_is_refused_before_touching_the_stream() {
+    let nats = Nats::start().expect("nats-server starts");
+    let js = jetstream::new(nats.client().await.expect("connects"));
+    let config = NatsConfig {
+        url: nats.url(),
+        uplink_max_age: Duration::from_secs(30),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let err = ensure_stream(&js, &UPLINK_STREAM, &config)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            NatsError::MaxAgeBelowDuplicateWindow {
+                stream: "LW_UPLINK",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        js.get_stream(UPLINK_STREAM.name).await.is_err(),
+        "not created"
+    );
+    // Zero is "for ever", never below the window.
+    let forever = NatsConfig {
+        uplink_max_age: Duration::ZERO,
+        ..config
+    };
+    let mut stream = ensure_stream(&js, &UPLINK_STREAM, &forever).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().config.max_age, Duration::ZERO);
 }
 
 #[tokio::test]

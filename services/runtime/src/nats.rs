@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use liftwire_proto::naming::StreamSpec;
+use liftwire_proto::naming::{StreamSpec, DEAD_LETTER_STREAM, UPLINK_STREAM};
 use serde::Deserialize;
 
 /// `[nats]` settings shared by every binary that talks to NATS.
@@ -30,6 +30,15 @@ pub struct NatsConfig {
     /// de-duplicate on the device's sequence number anyway.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
+    /// How long `LW_UPLINK` keeps a message (`0s`: for ever). The stream is the buffer between
+    /// the devices and the telemetry service, so this is the longest telemetry outage it
+    /// absorbs; older messages are removed, read or not (a device still holding one resends
+    /// it, see ARCHITECTURE.md, "Losslessness"). Disk needed: uplink rate × this × ~400 bytes.
+    #[serde(with = "humantime_serde")]
+    pub uplink_max_age: Duration,
+    /// How long `LW_DLQ` keeps a dead letter for inspection (`0s`: for ever).
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_max_age: Duration,
 }
 
 /// Where JetStream keeps stream data.
@@ -53,6 +62,23 @@ impl Default for NatsConfig {
             stream_storage: StreamStorage::File,
             stream_replicas: 1,
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+            uplink_max_age: DEFAULT_UPLINK_MAX_AGE,
+            dead_letter_max_age: DEFAULT_DEAD_LETTER_MAX_AGE,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// How long `spec`'s stream keeps a message: the configured age for the uplink and
+    /// dead-letter streams, for ever (zero) for the others (`LW_RETAINED` keeps the latest
+    /// message per subject however old it is).
+    pub fn max_age(&self, spec: &StreamSpec) -> Duration {
+        if *spec == UPLINK_STREAM {
+            self.uplink_max_age
+        } else if *spec == DEAD_LETTER_STREAM {
+            self.dead_letter_max_age
+        } else {
+            Duration::ZERO
         }
     }
 }
@@ -86,6 +112,19 @@ pub enum NatsError {
         /// JetStream error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A stream would forget messages before it stops recognising their duplicates.
+    #[error(
+        "stream {stream}: max age {max_age:?} is shorter than nats.duplicate_window \
+         {duplicate_window:?}"
+    )]
+    MaxAgeBelowDuplicateWindow {
+        /// Stream name.
+        stream: &'static str,
+        /// Its configured max age.
+        max_age: Duration,
+        /// The configured duplicate window.
+        duplicate_window: Duration,
     },
 }
 
@@ -130,12 +169,27 @@ pub async fn connect(
 /// publish retries (their backoff tops out at 5 s).
 pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
 
+/// Default [`NatsConfig::uplink_max_age`]: a week, so a telemetry outage over a long weekend
+/// loses nothing from the stream.
+pub const DEFAULT_UPLINK_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Default [`NatsConfig::dead_letter_max_age`]: 30 days to look into rejected messages.
+pub const DEFAULT_DEAD_LETTER_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Creates `spec`'s stream, or updates it to the contract's settings if it exists.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     spec: &StreamSpec,
     config: &NatsConfig,
 ) -> Result<stream::Stream, NatsError> {
+    let max_age = config.max_age(spec);
+    if !max_age.is_zero() && max_age < config.duplicate_window {
+        return Err(NatsError::MaxAgeBelowDuplicateWindow {
+            stream: spec.name,
+            max_age,
+            duplicate_window: config.duplicate_window,
+        });
+    }
     let wanted = stream::Config {
         name: spec.name.to_owned(),
         description: Some(spec.description.to_owned()),
@@ -146,6 +200,7 @@ pub async fn ensure_stream(
         },
         num_replicas: config.stream_replicas,
         duplicate_window: config.duplicate_window,
+        max_age,
         max_messages_per_subject: spec.max_msgs_per_subject,
         ..Default::default()
     };
