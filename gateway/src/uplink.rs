@@ -148,11 +148,16 @@ pub async fn run(
     let dead_letters = dead_letter_subject("gateway").unwrap_or_default();
     let mut in_flight = FuturesUnordered::new();
     let mut retry: VecDeque<Pending> = VecDeque::new();
+    // Failed publishes wait together: a failure is rarely one message's (validation is done),
+    // it is JetStream's, so every failure pushes this one instant back, and a thousand
+    // failures cost one backoff, not a thousand in a row.
+    let mut retry_at = tokio::time::Instant::now();
     let mut closing = false;
     let mut rx_open = true;
     loop {
-        // Retries first, in order, as long as there is room.
-        while in_flight.len() < settings.max_in_flight {
+        // Retries first, in order, once their backoff is over and as long as there is room.
+        let retry_due = tokio::time::Instant::now() >= retry_at;
+        while retry_due && in_flight.len() < settings.max_in_flight {
             let Some(pending) = retry.pop_front() else {
                 break;
             };
@@ -174,11 +179,12 @@ pub async fn run(
                         metrics.jetstream_retries.inc();
                         let delay = settings.retry_backoff.saturating_mul(1 << pending.attempt.min(6)).min(Duration::from_secs(5));
                         tracing::warn!(error = %e, device = %pending.incoming.identity.device, seq = pending.seq, retry_in = ?delay, "JetStream publish failed; retrying with the same message id");
-                        tokio::time::sleep(delay).await;
+                        retry_at = retry_at.max(tokio::time::Instant::now() + delay);
                         retry.push_back(Pending { attempt: pending.attempt + 1, ..pending });
                     }
                 }
             }
+            () = tokio::time::sleep_until(retry_at), if !retry.is_empty() && !retry_due => {}
             received = rx.recv(), if room && rx_open => match received {
                 // Closed and empty: only in-flight work remains.
                 None => rx_open = false,

@@ -14,6 +14,7 @@ use liftwire_gateway::acl::DeviceKind;
 use liftwire_proto::mqtt;
 use liftwire_proto::naming::{BuildingId, DeviceId, DEAD_LETTER_STREAM, UPLINK_STREAM};
 use liftwire_proto::{v1, Message};
+use liftwire_runtime::nats::{ensure_stream, NatsConfig};
 
 async fn provision(replica: &Replica, building: &str, device: &str, kind: DeviceKind) -> String {
     replica
@@ -878,6 +879,57 @@ async fn with_nats_down_a_full_queue_pushes_back_on_devices_instead_of_growing()
     assert!(
         stored <= 6,
         "only what fit in the bounded queue and in flight was accepted: {stored}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_publishes_wait_out_one_backoff_together_not_one_backoff_each() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let js = jetstream::new(nats.client().await.unwrap());
+    // The stream goes away (a wiped JetStream volume, an operator's mistake): JetStream refuses
+    // every publish at once, and the gateway retries each with a backoff of 100 ms and more.
+    js.delete_stream(UPLINK_STREAM.name).await.unwrap();
+    let device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    const SENT: u64 = 300;
+    for seq in 1..=SENT {
+        device
+            .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", seq))
+            .await;
+    }
+    let failed = |n: u64| {
+        gw.metrics().lines().any(|l| {
+            l.strip_prefix("liftwire_gateway_jetstream_retries_total ")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|v| v >= n)
+        })
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !failed(SENT) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the messages never all failed once"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Back: everything is stored within one backoff (at most 5 s), not one backoff per message.
+    let config = NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    };
+    ensure_stream(&js, &UPLINK_STREAM, &config).await.unwrap();
+    let back = tokio::time::Instant::now();
+    let stored = stream_messages(&js, UPLINK_STREAM.name, SENT as usize).await;
+    assert_eq!(
+        stored.len() as u64,
+        SENT,
+        "stored after {:?}",
+        back.elapsed()
     );
     gw.stop().await;
 }
