@@ -36,6 +36,8 @@ pub struct Metrics {
     pub uplink_messages: Family<Kind, Counter>,
     /// Uplink messages dead-lettered.
     pub uplink_rejects: Family<Reason, Counter>,
+    /// Dead letters that could not be stored (their rejection is still counted).
+    pub dead_letter_failures: Counter,
     /// Uplink messages dropped before the bridge (rate limit, full queue, draining).
     pub uplink_dropped: Family<Reason, Counter>,
     /// Uplink messages waiting for the bridge.
@@ -62,6 +64,7 @@ impl Metrics {
             packet_errors: Family::default(),
             uplink_messages: Family::default(),
             uplink_rejects: Family::default(),
+            dead_letter_failures: Counter::default(),
             uplink_dropped: Family::default(),
             uplink_queue_depth: Gauge::default(),
             jetstream_publish_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
@@ -100,6 +103,11 @@ impl Metrics {
             "uplink_rejects",
             "Uplink messages dead-lettered, by reason",
             m.uplink_rejects.clone(),
+        );
+        r.register(
+            "dead_letter_failures",
+            "Dead letters that could not be stored in JetStream",
+            m.dead_letter_failures.clone(),
         );
         r.register(
             "uplink_dropped",

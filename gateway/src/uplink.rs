@@ -147,6 +147,10 @@ pub async fn run(
 ) {
     let dead_letters = dead_letter_subject("gateway").unwrap_or_default();
     let mut in_flight = FuturesUnordered::new();
+    // Dead letters are stored beside the bridged messages, never in front of them: waiting
+    // for each one's ack here would let one device's garbage, with JetStream slow, hold up
+    // every other device. They share the in-flight bound.
+    let mut letters = FuturesUnordered::new();
     let mut retry: VecDeque<Pending> = VecDeque::new();
     // Failed publishes wait together: a failure is rarely one message's (validation is done),
     // it is JetStream's, so every failure pushes this one instant back, and a thousand
@@ -163,7 +167,7 @@ pub async fn run(
             };
             in_flight.push(publish(&js, pending));
         }
-        let room = in_flight.len() < settings.max_in_flight && retry.is_empty();
+        let room = in_flight.len() + letters.len() < settings.max_in_flight && retry.is_empty();
         tokio::select! {
             biased;
             Some((pending, result)) = in_flight.next(), if !in_flight.is_empty() => {
@@ -185,6 +189,7 @@ pub async fn run(
                 }
             }
             () = tokio::time::sleep_until(retry_at), if !retry.is_empty() && !retry_due => {}
+            Some(()) = letters.next(), if !letters.is_empty() => {}
             received = rx.recv(), if room && rx_open => match received {
                 // Closed and empty: only in-flight work remains.
                 None => rx_open = false,
@@ -203,9 +208,9 @@ pub async fn run(
                     while let Some(incoming) = next.take() {
                         match validate(&incoming, settings.max_payload, SystemTime::now()) {
                             Ok(seq) => in_flight.push(publish(&js, Pending { incoming, seq, attempt: 0 })),
-                            Err(rejection) => dead_letter(&js, &dead_letters, &metrics, incoming, rejection).await,
+                            Err(rejection) => letters.push(dead_letter(&js, &dead_letters, &metrics, incoming, rejection)),
                         }
-                        if in_flight.len() < settings.max_in_flight {
+                        if in_flight.len() + letters.len() < settings.max_in_flight {
                             next = rx.try_recv().ok();
                             if next.is_some() {
                                 metrics.uplink_queue_depth.dec();
@@ -221,7 +226,7 @@ pub async fn run(
             }
             else => {}
         }
-        if !rx_open && in_flight.is_empty() && retry.is_empty() {
+        if !rx_open && in_flight.is_empty() && retry.is_empty() && letters.is_empty() {
             break;
         }
     }
@@ -307,6 +312,7 @@ async fn dead_letter(
         Err(e) => Err(e.to_string()),
     };
     if let Err(e) = stored {
+        metrics.dead_letter_failures.inc();
         tracing::error!(error = %e, device = %incoming.identity.device, "could not store a dead letter");
     }
 }

@@ -935,6 +935,65 @@ async fn failed_publishes_wait_out_one_backoff_together_not_one_backoff_each() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_device_sending_garbage_while_dead_letters_go_unanswered_holds_up_nobody_else() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let bad = provision(&gw, "b1", "elev-bad", DeviceKind::Elevator).await;
+    let good = provision(&gw, "b1", "elev-good", DeviceKind::Elevator).await;
+    let client = nats.client().await.unwrap();
+    let js = jetstream::new(client.clone());
+    // The dead-letter stream is gone and something else listens on its subject: every dead
+    // letter's publish waits for an ack that never comes (5 s, the JetStream timeout).
+    js.delete_stream(DEAD_LETTER_STREAM.name).await.unwrap();
+    let _listener = client.subscribe("lw.v1.dlq.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    let bad = Device::connect(gw.addr, "elev-bad", "elev-bad", &bad)
+        .connected()
+        .await;
+    for _ in 0..5 {
+        bad.publish("lw/v1/b1/elev-bad/up/event", vec![0xff, 0x01, 0x02])
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !gw
+        .metrics()
+        .contains("liftwire_gateway_uplink_rejects_total{reason=\"decode\"} 5")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the garbage was never all rejected: its dead letters were stored one after another"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let good = Device::connect(gw.addr, "elev-good", "elev-good", &good)
+        .connected()
+        .await;
+    good.publish("lw/v1/b1/elev-good/up/event", envelope("elev-good", 1))
+        .await;
+    let mut stream = js.get_stream(UPLINK_STREAM.name).await.unwrap();
+    let sent = tokio::time::Instant::now();
+    // Well within one dead letter's wait, let alone five of them in a row.
+    while stream.info().await.unwrap().state.messages < 1 {
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "the good device's message waited behind the dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The unanswered dead letters time out and are counted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !gw
+        .metrics()
+        .contains("liftwire_gateway_dead_letter_failures_total 5")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{}", gw.metrics());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_device_dropping_connections_mid_handshake_cannot_poison_the_listener() {
     // rumqttd keeps per-client-id will state that a connection dropped during link setup leaks;
     // the next CONNECT with that client id then panicked while holding a lock every CONNECT
