@@ -12,6 +12,7 @@ use futures::StreamExt;
 use liftwire_proto::naming::{
     Audience, BuildingId, DeviceId, Downlink, DownlinkKind, Uplink, UplinkKind, UPLINK_STREAM,
 };
+use liftwire_proto::text::nul_in_text;
 use liftwire_proto::{v1, Message};
 use liftwire_runtime::endpoints::{self, paginate, EndpointError};
 use liftwire_runtime::service::BoxError;
@@ -328,9 +329,11 @@ pub async fn record_result(
     let Ok(uplink) = Uplink::from_nats_subject(subject) else {
         return Ok(false);
     };
+    // A NUL character cannot be stored in `text` and would be redelivered for ever; the uplink
+    // bridge refuses such results, this covers any stored before it did.
     let Some(v1::envelope::Body::CommandResult(result)) = v1::Envelope::decode(payload)
         .ok()
-        .filter(|e| e.device_id == uplink.device.as_str())
+        .filter(|e| e.device_id == uplink.device.as_str() && nul_in_text(e).is_none())
         .and_then(|e| e.body)
     else {
         return Ok(false);

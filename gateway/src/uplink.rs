@@ -8,6 +8,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use liftwire_proto::naming::{dead_letter_subject, presence_subject, uplink_msg_id, UplinkKind};
+use liftwire_proto::text::nul_in_text;
 use liftwire_proto::{v1, Message, SCHEMA_VERSION};
 use liftwire_runtime::observability::inject_trace_context;
 use tokio::sync::mpsc;
@@ -50,6 +51,9 @@ pub enum Rejection {
     /// The device clock is absent or implausible.
     #[error("device time {0} is implausible")]
     Timestamp(String),
+    /// A text field holds a NUL character, which no consumer could store.
+    #[error("{0} contains a NUL character")]
+    NulInText(&'static str),
 }
 
 impl Rejection {
@@ -63,6 +67,7 @@ impl Rejection {
             Rejection::KindMismatch { .. } => "kind_mismatch",
             Rejection::ZeroSequence => "zero_sequence",
             Rejection::Timestamp(_) => "timestamp",
+            Rejection::NulInText(_) => "nul_in_text",
         }
     }
 }
@@ -110,6 +115,9 @@ pub fn validate(
             if t.seconds >= EARLIEST_DEVICE_TIME
                 && t.seconds <= now_s + MAX_CLOCK_AHEAD.as_secs() as i64 => {}
         other => return Err(Rejection::Timestamp(format!("{other:?}"))),
+    }
+    if let Some(field) = nul_in_text(&envelope) {
+        return Err(Rejection::NulInText(field));
     }
     Ok(envelope.seq)
 }
@@ -418,6 +426,33 @@ mod tests {
             reason(envelope(Some(1_795_000_000 + 2 * 24 * 3600)), 1024),
             "timestamp",
             "two days ahead"
+        );
+    }
+
+    #[test]
+    fn a_nul_in_a_text_field_is_refused_naming_the_field() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let payload = v1::Envelope {
+            schema_version: SCHEMA_VERSION,
+            device_id: "elev-1".into(),
+            seq: 3,
+            device_time: Some(Timestamp {
+                seconds: 1_794_999_000,
+                nanos: 0,
+            }),
+            body: Some(v1::envelope::Body::Event(v1::Event {
+                kind: Some(v1::event::Kind::AlarmSelfTest(v1::AlarmSelfTest {
+                    detail: "relay\0stuck".into(),
+                    ..Default::default()
+                })),
+            })),
+        }
+        .encode_to_vec();
+        let rejection = validate(&incoming(payload), 1024, now).unwrap_err();
+        assert_eq!(rejection.reason(), "nul_in_text");
+        assert_eq!(
+            rejection.to_string(),
+            "AlarmSelfTest.detail contains a NUL character"
         );
     }
 }

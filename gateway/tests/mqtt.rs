@@ -247,12 +247,24 @@ async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
     device
         .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 0))
         .await;
+    // PostgreSQL cannot store a NUL in text: refused here, not retried for ever downstream.
+    let mut nul = v1::Envelope::decode(envelope("elev-1", 4).as_slice()).unwrap();
+    nul.body = Some(v1::envelope::Body::Event(v1::Event {
+        kind: Some(v1::event::Kind::FaultRaised(v1::FaultRaised {
+            fault_id: "f-1".into(),
+            description: "door\0jammed".into(),
+            ..Default::default()
+        })),
+    }));
+    device
+        .publish("lw/v1/b1/elev-1/up/event", nul.encode_to_vec())
+        .await;
     device
         .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 5))
         .await;
 
     let js = jetstream::new(nats.client().await.unwrap());
-    let letters = stream_messages(&js, DEAD_LETTER_STREAM.name, 4).await;
+    let letters = stream_messages(&js, DEAD_LETTER_STREAM.name, 5).await;
     let mut reasons: Vec<String> = letters
         .iter()
         .map(|m| {
@@ -271,11 +283,55 @@ async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
             "decode",
             "device_mismatch",
             "kind_mismatch",
+            "nul_in_text",
             "zero_sequence"
         ]
     );
     let stored = stream_messages(&js, UPLINK_STREAM.name, 1).await;
     assert_eq!(stored.len(), 1, "the valid message still went through");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stored_command_result_with_unstorable_text_is_dropped_not_retried_for_ever() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let pool = gw.registry.pool();
+    sqlx::query(
+        "INSERT INTO device_commands (command_id, building_id, device_id, kind, requested_by, expires_at)
+         VALUES ('c-1', 'b1', 'elev-1', 'reboot', 'tech', now() + interval '1 hour')",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let result = |detail: &str| {
+        let mut envelope = v1::Envelope::decode(envelope("elev-1", 1).as_slice()).unwrap();
+        envelope.body = Some(v1::envelope::Body::CommandResult(v1::CommandResult {
+            command_id: "c-1".into(),
+            status: v1::CommandStatus::Succeeded as i32,
+            detail: detail.into(),
+            output: None,
+        }));
+        envelope.encode_to_vec()
+    };
+    let subject = "lw.v1.up.b1.elev-1.command-result";
+    // Stored before the bridge refused NUL characters: PostgreSQL cannot store it, so it is
+    // ignored (and acknowledged) instead of failing at every redelivery.
+    let recorded = liftwire_gateway::control::record_result(pool, subject, &result("a\0b"))
+        .await
+        .expect("not a database error");
+    assert!(!recorded);
+    assert!(
+        liftwire_gateway::control::record_result(pool, subject, &result("rebooted"))
+            .await
+            .unwrap()
+    );
+    let detail: String =
+        sqlx::query_scalar("SELECT detail FROM device_commands WHERE command_id = 'c-1'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(detail, "rebooted");
     gw.stop().await;
 }
 

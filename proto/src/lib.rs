@@ -4,9 +4,11 @@
 //! * [`naming`]: the one place that knows MQTT topics, NATS subjects, stream names and the mapping
 //!   between them. No other code builds a topic or a subject string.
 //! * [`mqtt`]: the few MQTT packets liftwire encodes and parses by hand.
+//! * [`text`]: device text the backend could not store.
 
 pub mod mqtt;
 pub mod naming;
+pub mod text;
 
 /// Protobuf messages of package `liftwire.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -222,6 +222,13 @@ pub struct Clock {
 fn check_content(envelope: &v1::Envelope) -> Result<(), Rejection> {
     use v1::event::Kind;
     let missing = |what: &str| Err(Rejection::Impossible(format!("{what} is empty")));
+    // PostgreSQL refuses it in `text`: storing it would fail the batch again at every redelivery.
+    // The gateway refuses it already; this covers what was stored before it did.
+    if let Some(field) = liftwire_proto::text::nul_in_text(envelope) {
+        return Err(Rejection::Impossible(format!(
+            "{field} contains a NUL character"
+        )));
+    }
     match &envelope.body {
         Some(v1::envelope::Body::Telemetry(t)) => {
             if t.load_percent > MAX_LOAD_PERCENT {
@@ -1004,6 +1011,17 @@ mod tests {
             kind: Some(v1::event::Kind::FaultRaised(v1::FaultRaised::default())),
         }));
         assert_eq!(refused(SUBJECT, anonymous), "impossible_content");
+        let mut unstorable = envelope("elev-1", 7);
+        unstorable.body = Some(v1::envelope::Body::Event(v1::Event {
+            kind: Some(v1::event::Kind::MaintenanceVisitStarted(
+                v1::MaintenanceVisitStarted {
+                    visit_id: "v-1".into(),
+                    technician: "J\0hn".into(),
+                    ..Default::default()
+                },
+            )),
+        }));
+        assert_eq!(refused(SUBJECT, unstorable), "impossible_content");
         let mut ancient = envelope("elev-1", 7);
         ancient.device_time = Some(liftwire_proto::Timestamp {
             seconds: 1_700_000_000,

@@ -290,6 +290,41 @@ async fn poison_messages_are_dead_lettered_and_do_not_block_the_stream() {
 }
 
 #[tokio::test]
+async fn text_postgresql_cannot_store_is_refused_and_the_watermark_passes_it() {
+    // Stored before the gateway refused it: a fault whose description holds a NUL character,
+    // which PostgreSQL cannot store in `text`.
+    let rig = Rig::start().await;
+    let client = rig.nats.client().await.unwrap();
+    let mut watermarks = client
+        .subscribe("lw.v1.down.b1.elev-1.watermark")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let topic = "lw/v1/b1/elev-1/up/event";
+    let mut fault = event("elev-1", 1);
+    fault.body = Some(v1::envelope::Body::Event(v1::Event {
+        kind: Some(v1::event::Kind::FaultRaised(v1::FaultRaised {
+            fault_id: "f-1".into(),
+            description: "door\0jammed".into(),
+            ..Default::default()
+        })),
+    }));
+    rig.publish(topic, &fault, true).await;
+    rig.publish(topic, &event("elev-1", 2), true).await;
+    assert_eq!(
+        watermark_reaching(&mut watermarks, 2).await,
+        2,
+        "the refused message keeps its sequence number, so the watermark passes it"
+    );
+    assert_eq!(
+        rig.rows("elev-1").await,
+        2,
+        "a placeholder and the valid message"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
 async fn postgres_restart_mid_stream_loses_nothing() {
     let mut rig = Rig::start().await;
     let topic = "lw/v1/b2/elev-3/up/event";
