@@ -200,7 +200,7 @@ async fn read_connect<S: AsyncRead + Unpin>(
     let head = loop {
         match parse_connect(buf) {
             Ok(Some(head)) => break head,
-            Ok(None) if buf.len() > 64 * 1024 => return Err("connect_too_large"),
+            Ok(None) if buf.len() > MAX_CONNECT_BYTES => return Err("connect_too_large"),
             Ok(None) => {
                 if stream.read_buf(buf).await.map_err(|_| "io")? == 0 {
                     return Err("closed");
@@ -216,6 +216,15 @@ async fn read_connect<S: AsyncRead + Unpin>(
         cert.verify_is_valid_for_subject_name(&name)
             .map_err(|_| "certificate_mismatch")?;
     }
+    route(&head, upstream)
+}
+
+/// Largest CONNECT read before the client is refused: a CONNECT holds a client id, credentials
+/// and perhaps a will, far less; a client announcing more only wants the gateway's memory.
+const MAX_CONNECT_BYTES: usize = 64 * 1024;
+
+/// The broker listener for a CONNECT's protocol level.
+fn route(head: &ConnectHead, upstream: Upstream) -> Result<SocketAddr, &'static str> {
     match head.level {
         5 => upstream.v5.ok_or("mqtt5_disabled"),
         _ => Ok(upstream.v4),
@@ -333,7 +342,7 @@ pub async fn serve_websocket(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let handshake = |socket: TcpStream| async move {
+    let handshake = move |socket: TcpStream| async move {
         #[allow(clippy::result_large_err)] // the callback's signature is tungstenite's
         let accepted = tokio_tungstenite::accept_hdr_async(
             socket,
@@ -352,9 +361,26 @@ pub async fn serve_websocket(
             },
         )
         .await;
-        accepted.map_err(|_| "websocket_handshake")
+        let mut ws = accepted.map_err(|_| "websocket_handshake")?;
+        // The CONNECT belongs to the handshake: read under its timeout and size limit, so a
+        // client that stalls or announces a huge packet is refused like any other.
+        let mut first = BytesMut::new();
+        let head = loop {
+            match parse_connect(&first) {
+                Ok(Some(head)) => break head,
+                Ok(None) if first.len() > MAX_CONNECT_BYTES => return Err("connect_too_large"),
+                Ok(None) => match ws.next().await {
+                    Some(Ok(WsMessage::Binary(data))) => first.extend_from_slice(&data),
+                    Some(Ok(WsMessage::Close(_))) | None => return Err("closed"),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => return Err("io"),
+                },
+                Err(NotConnect) => return Err("not_mqtt"),
+            }
+        };
+        Ok((ws, first, route(&head, upstream)?))
     };
-    let serve = move |ws| bridge_websocket(ws, upstream);
+    let serve = |(ws, first, to)| bridge_websocket(ws, first, to);
     accept_loop(
         "websocket",
         listener,
@@ -367,31 +393,13 @@ pub async fn serve_websocket(
     .await;
 }
 
+/// Splices a WebSocket whose CONNECT (`first`) is read to the broker listener `to`.
 async fn bridge_websocket(
     ws: tokio_tungstenite::WebSocketStream<TcpStream>,
-    upstream: Upstream,
+    first: BytesMut,
+    to: SocketAddr,
 ) -> Result<(), BoxError> {
     let (mut ws_tx, mut ws_rx) = ws.split();
-    let mut first = BytesMut::new();
-    // Frames until the CONNECT is complete, to pick the broker listener by protocol level.
-    let to = loop {
-        match parse_connect(&first) {
-            Ok(Some(head)) => {
-                break if head.level == 5 {
-                    upstream.v5.ok_or("MQTT 5 is disabled")?
-                } else {
-                    upstream.v4
-                }
-            }
-            Ok(None) => match ws_rx.next().await {
-                Some(Ok(WsMessage::Binary(data))) => first.extend_from_slice(&data),
-                Some(Ok(WsMessage::Close(_))) | None => return Ok(()),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-            },
-            Err(e) => return Err(e.into()),
-        }
-    };
     let broker = TcpStream::connect(to).await?;
     broker.set_nodelay(true)?;
     let (mut from_broker, mut to_broker) = broker.into_split();

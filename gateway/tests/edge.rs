@@ -226,3 +226,87 @@ async fn browsers_speak_mqtt_over_websocket() {
     assert!(gw.metrics().contains("liftwire_gateway_connections 1"));
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_clients_that_stall_or_inflate_their_connect_are_refused_like_any_handshake() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start_with(&nats, &pg, "gw-1", |mqtt| {
+        mqtt.listen_ws = Some("127.0.0.1:0".parse().unwrap());
+        mqtt.handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let ws_addr = gw.ws_addr.unwrap();
+    let secret = gw
+        .registry
+        .provision(
+            &BuildingId::new("b1").unwrap(),
+            &DeviceId::new("screen-1").unwrap(),
+            DeviceKind::Screen,
+        )
+        .await
+        .unwrap();
+    let open = || async {
+        let mut request = format!("ws://{ws_addr}/mqtt")
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+        let tcp = tokio::net::TcpStream::connect(ws_addr).await.unwrap();
+        tokio_tungstenite::client_async(request, tcp)
+            .await
+            .unwrap()
+            .0
+    };
+    let closed = |mut ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>| async move {
+        let end = tokio::time::timeout(WAIT, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the gateway closed the WebSocket");
+    };
+
+    // Upgrades, then never sends its CONNECT.
+    let silent = open().await;
+    // Announces a CONNECT of 256 MiB and starts sending it.
+    let mut inflated = open().await;
+    let mut head = vec![0x10, 0xff, 0xff, 0xff, 0x7f];
+    head.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4]);
+    inflated.send(Message::Binary(head.into())).await.unwrap();
+    for _ in 0..3 {
+        inflated
+            .send(Message::Binary(vec![0u8; 32 * 1024].into()))
+            .await
+            .unwrap();
+    }
+    closed(inflated).await;
+    closed(silent).await;
+
+    // Everybody else still gets in.
+    let mut screen = open().await;
+    screen
+        .send(Message::Binary(connect_packet("screen-1", &secret).into()))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(WAIT, screen.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_data().as_ref(), mqtt::CONNACK_ACCEPTED);
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains("reason=\"connect_too_large\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("reason=\"handshake_timeout\"} 1"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
