@@ -62,7 +62,8 @@ pub struct AuthConfig {
     /// How long fetched keys are trusted before they are fetched again.
     #[serde(with = "humantime_serde")]
     pub jwks_refresh: Duration,
-    /// Shortest pause between two fetches triggered by an unknown `kid`.
+    /// Shortest pause between two fetches of the key set, whatever triggered them (a stale set,
+    /// an unknown `kid`) and whether the last one failed.
     #[serde(with = "humantime_serde")]
     pub jwks_min_refetch: Duration,
     /// Clock skew tolerated on `exp`.
@@ -139,12 +140,18 @@ struct Jwks {
     refresh: Duration,
     min_refetch: Duration,
     keys: tokio::sync::RwLock<JwksKeys>,
+    /// Held by the one request fetching the set; the others do not queue behind it when they
+    /// have a key already.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
 struct JwksKeys {
     by_kid: HashMap<String, (DecodingKey, Algorithm)>,
+    /// Last successful fetch: the keys are fresh for `refresh` after it.
     fetched: Option<Instant>,
+    /// Last fetch, successful or not: the next waits `min_refetch` after it.
+    attempted: Option<Instant>,
 }
 
 fn jwk_algorithm(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
@@ -195,28 +202,42 @@ impl Jwks {
             .collect())
     }
 
-    /// The key of `kid`, fetching the set when it is stale or does not know `kid` (at most once
-    /// per `min_refetch`, so unknown ids cannot hammer the identity provider).
+    /// The key of `kid`, fetching the set when it is stale or does not know `kid`: one fetch at
+    /// a time, at most once per `min_refetch` even when fetches fail, so neither unknown ids
+    /// nor an identity provider that is down can hammer it or make requests queue. While a set
+    /// is being fetched, a request whose key is known uses it as it is.
     async fn key(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
-        {
+        let known = {
             let keys = self.keys.read().await;
             let fresh = keys.fetched.is_some_and(|t| t.elapsed() < self.refresh);
-            if let Some(key) = keys.by_kid.get(kid).filter(|_| fresh) {
-                return Some(key.clone());
+            match keys.by_kid.get(kid) {
+                Some(key) if fresh => return Some(key.clone()),
+                known => known.cloned(),
             }
-        }
-        let mut keys = self.keys.write().await;
-        let may_fetch = keys.fetched.is_none_or(|t| t.elapsed() >= self.min_refetch);
+        };
+        let _fetching = match self.fetching.try_lock() {
+            Ok(guard) => guard,
+            Err(_) if known.is_some() => return known,
+            Err(_) => self.fetching.lock().await,
+        };
+        let may_fetch = {
+            let keys = self.keys.read().await;
+            keys.attempted
+                .is_none_or(|t| t.elapsed() >= self.min_refetch)
+        };
         if may_fetch {
-            match self.fetch().await {
+            let fetched = self.fetch().await;
+            let mut keys = self.keys.write().await;
+            keys.attempted = Some(Instant::now());
+            match fetched {
                 Ok(by_kid) => {
                     keys.by_kid = by_kid;
-                    keys.fetched = Some(Instant::now());
+                    keys.fetched = keys.attempted;
                 }
                 Err(e) => tracing::warn!(url = %self.url, error = %e, "fetching the JWKS failed"),
             }
         }
-        keys.by_kid.get(kid).cloned()
+        self.keys.read().await.by_kid.get(kid).cloned()
     }
 }
 
@@ -246,6 +267,7 @@ impl Authenticator {
                 refresh: config.jwks_refresh,
                 min_refetch: config.jwks_min_refetch,
                 keys: tokio::sync::RwLock::new(JwksKeys::default()),
+                fetching: tokio::sync::Mutex::new(()),
             })
         });
         if hs256.is_none() && jwks.is_none() {

@@ -3,6 +3,8 @@
 // Helpers outside #[test] functions panic on purpose: a failed setup fails the test.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use liftwire_api::auth::{mint, AuthConfig, Authenticator, Role};
@@ -216,7 +218,15 @@ struct IdentityProvider {
     url: String,
     key: jsonwebtoken::EncodingKey,
     task: tokio::task::JoinHandle<()>,
+    /// JWKS requests received.
+    hits: Arc<AtomicUsize>,
+    /// How its JWKS endpoint answers: [`SERVES`], [`FAILS`] or [`HANGS`].
+    mode: Arc<AtomicU8>,
 }
+
+const SERVES: u8 = 0;
+const FAILS: u8 = 1;
+const HANGS: u8 = 2;
 
 impl IdentityProvider {
     async fn start() -> Self {
@@ -237,11 +247,26 @@ impl IdentityProvider {
         }]});
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let (hits, mode) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicU8::new(SERVES)),
+        );
         let app = axum::Router::new().route(
             "/jwks.json",
-            axum::routing::get(move || {
-                let jwks = jwks.clone();
-                async move { axum::Json(jwks) }
+            axum::routing::get({
+                let (hits, mode) = (hits.clone(), mode.clone());
+                move || {
+                    let jwks = jwks.clone();
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let mode = mode.load(Ordering::SeqCst);
+                    async move {
+                        match mode {
+                            SERVES => Ok(axum::Json(jwks)),
+                            FAILS => Err(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+                            _ => std::future::pending().await,
+                        }
+                    }
+                }
             }),
         );
         let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -249,6 +274,8 @@ impl IdentityProvider {
             url,
             key: jsonwebtoken::EncodingKey::from_ed_der(&der),
             task,
+            hits,
+            mode,
         }
     }
 
@@ -383,4 +410,51 @@ async fn each_token_is_rate_limited_on_its_own() {
     );
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn an_identity_provider_that_fails_or_hangs_is_asked_once_per_pause_and_stalls_nobody() {
+    let idp = IdentityProvider::start().await;
+    idp.mode.store(FAILS, Ordering::SeqCst);
+    let config = |min_refetch: Duration| AuthConfig {
+        issuer: "https://idp.example".into(),
+        audience: "liftwire-api".into(),
+        jwks_url: Some(idp.url.clone()),
+        // Every request finds the keys stale and would like them fetched again.
+        jwks_refresh: Duration::ZERO,
+        jwks_min_refetch: min_refetch,
+        ..Default::default()
+    };
+    let token = idp.token("idp-1", "liftwire-api");
+
+    // Down (errors): the first request asks, the next ones within the pause do not.
+    let auth = Authenticator::new(&config(Duration::from_secs(3600))).unwrap();
+    for _ in 0..3 {
+        assert!(auth.verify(&token).await.is_err(), "no key yet");
+    }
+    assert_eq!(idp.hits.load(Ordering::SeqCst), 1);
+
+    // Up, then hanging: a request whose key is known does not queue behind the fetch.
+    idp.mode.store(SERVES, Ordering::SeqCst);
+    let auth = Authenticator::new(&config(Duration::ZERO)).unwrap();
+    assert_eq!(auth.verify(&token).await.unwrap().subject, "carol");
+    let fetched = idp.hits.load(Ordering::SeqCst);
+    idp.mode.store(HANGS, Ordering::SeqCst);
+    let fetching = tokio::spawn({
+        let (auth, token) = (auth.clone(), token.clone());
+        async move { auth.verify(&token).await.map(|p| p.subject) }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while idp.hits.load(Ordering::SeqCst) == fetched {
+        assert!(tokio::time::Instant::now() < deadline, "no refetch started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(auth.verify(&token).await.unwrap().subject, "carol");
+    assert!(
+        !fetching.is_finished(),
+        "answered while the other request still waits for the identity provider"
+    );
+    // The waiting request gives up on the identity provider and uses the keys it has.
+    assert_eq!(fetching.await.unwrap().unwrap(), "carol");
+    idp.task.abort();
 }
