@@ -751,6 +751,8 @@ impl Ingest {
                 pending: Vec::with_capacity(messages.len() / writers.max(1) + 1),
             })
             .collect();
+        let mut letters = Vec::new();
+        let mut terminate = Vec::new();
         let mut keep = |row: Row, message: jetstream::Message| {
             let share = &mut shares[writer_of(&row.device, writers)];
             share.rows.push(row);
@@ -778,19 +780,31 @@ impl Ingest {
                     rejection,
                     placeholder,
                 }) => {
-                    // Stored in the dead-letter stream before anything is acknowledged.
-                    self.dead_letter(&message, rejection)
-                        .instrument(span)
-                        .await?;
+                    letters.push(
+                        span.in_scope(|| self.dead_letter(&message, rejection))
+                            .instrument(span),
+                    );
                     match placeholder {
                         Some(row) => keep(*row, message),
-                        None => {
-                            if let Err(e) = message.ack_with(AckKind::Term).await {
-                                tracing::warn!(error = %e, "terminating a dead-lettered message failed");
-                            }
-                        }
+                        None => terminate.push(message),
                     }
                 }
+            }
+        }
+        // Stored in the dead-letter stream before anything is acknowledged: all of the batch's
+        // letters at once, then their acks together. If one is not stored, the whole batch is
+        // handed back for redelivery after the backoff (not left for the full ack wait).
+        if let Err(e) = futures::future::try_join_all(letters).await {
+            let mut held: Vec<&jetstream::Message> = terminate.iter().collect();
+            for share in &shares {
+                held.extend(&share.pending);
+            }
+            self.nak(held).await;
+            return Err(e);
+        }
+        for message in terminate {
+            if let Err(e) = message.ack_with(AckKind::Term).await {
+                tracing::warn!(error = %e, "terminating a dead-lettered message failed");
             }
         }
         Ok(shares)
@@ -810,7 +824,7 @@ impl Ingest {
     }
 
     /// Hands messages back for redelivery soon rather than after the full ack wait.
-    async fn nak(&self, messages: &[jetstream::Message]) {
+    async fn nak(&self, messages: impl IntoIterator<Item = &jetstream::Message>) {
         for message in messages {
             let _ = message
                 .ack_with(AckKind::Nak(Some(self.config.max_backoff)))
@@ -867,11 +881,11 @@ impl Ingest {
         }
     }
 
-    async fn dead_letter(
+    fn dead_letter(
         &self,
         message: &jetstream::Message,
         rejection: Rejection,
-    ) -> Result<(), BoxError> {
+    ) -> impl std::future::Future<Output = Result<(), BoxError>> + '_ {
         let reason = rejection.reason();
         self.metrics
             .dead_letters
@@ -898,15 +912,14 @@ impl Ingest {
             payload: message.payload.to_vec(),
             at: Some(liftwire_proto::timestamp(std::time::SystemTime::now())),
         };
-        self.js
-            .publish_with_headers(
-                self.dead_letters.clone(),
-                headers,
-                letter.encode_to_vec().into(),
-            )
-            .await?
-            .await?;
-        Ok(())
+        let payload = letter.encode_to_vec().into();
+        async move {
+            self.js
+                .publish_with_headers(self.dead_letters.clone(), headers, payload)
+                .await?
+                .await?;
+            Ok(())
+        }
     }
 }
 

@@ -97,6 +97,10 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Self {
+        Self::start_with(IngestConfig::default()).await
+    }
+
+    async fn start_with(ingest: IngestConfig) -> Self {
         let nats = Nats::start().expect("nats");
         let pg = Postgres::start().await.expect("postgres");
         // The service's own pool settings, with a short acquire timeout so outages surface fast.
@@ -115,7 +119,7 @@ impl Rig {
             .await
             .expect("migrations are idempotent");
         let client = nats.client().await.unwrap();
-        let (ctx, stop, task) = replica(&nats, &pg, IngestConfig::default()).await;
+        let (ctx, stop, task) = replica(&nats, &pg, ingest).await;
         Rig {
             nats,
             pg,
@@ -321,6 +325,48 @@ async fn text_postgresql_cannot_store_is_refused_and_the_watermark_passes_it() {
         2,
         "a placeholder and the valid message"
     );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_whose_dead_letter_cannot_be_stored_is_handed_back_not_left_to_time_out() {
+    // An ack wait far beyond the test: only a negative acknowledgement brings the batch back.
+    let rig = Rig::start_with(IngestConfig {
+        ack_wait: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await;
+    rig.js.delete_stream(DEAD_LETTER_STREAM.name).await.unwrap();
+    // One batch: a poison message and a valid one, published back to back.
+    let up = Uplink::from_mqtt_topic("lw/v1/b1/elev-3/up/event").unwrap();
+    let poison = rig
+        .js
+        .publish(up.nats_subject(), vec![0xde, 0xad].into())
+        .await
+        .unwrap();
+    let valid = rig
+        .js
+        .publish(up.nats_subject(), event("elev-3", 1).encode_to_vec().into())
+        .await
+        .unwrap();
+    poison.await.unwrap();
+    valid.await.unwrap();
+    eventually("the dead letter attempted", || async {
+        counter(&rig.ctx, "liftwire_telemetry_ingest_dead_letters") >= 1
+    })
+    .await;
+
+    let config = NatsConfig {
+        url: rig.nats.url(),
+        ..Default::default()
+    };
+    liftwire_runtime::nats::ensure_stream(&rig.js, &DEAD_LETTER_STREAM, &config)
+        .await
+        .unwrap();
+    eventually("the valid message stored", || async {
+        rig.rows("elev-3").await == 1
+    })
+    .await;
     rig.stop().await;
 }
 
