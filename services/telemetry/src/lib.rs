@@ -57,6 +57,7 @@ pub struct Telemetry {
     pool: sqlx::PgPool,
     partitions: Arc<partitions::Partitions>,
     alerts: alerts::AlertConfig,
+    presence_metrics: presence::PresenceMetrics,
 }
 
 impl Service for Telemetry {
@@ -92,6 +93,7 @@ impl Service for Telemetry {
             pool,
             partitions,
             alerts: config.alerts,
+            presence_metrics: presence::PresenceMetrics::register(ctx),
         })
     }
 
@@ -102,9 +104,14 @@ impl Service for Telemetry {
             nats: self.nats.clone(),
         };
         let presence = async {
-            presence::follow(self.nats.clone(), self.pool.clone(), shutdown.clone())
-                .await
-                .map_err(BoxError::from)
+            presence::follow(
+                self.nats.clone(),
+                self.pool.clone(),
+                self.presence_metrics.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(BoxError::from)
         };
         let background = async {
             tokio::join!(

@@ -371,6 +371,67 @@ async fn a_batch_whose_dead_letter_cannot_be_stored_is_handed_back_not_left_to_t
 }
 
 #[tokio::test]
+async fn presence_changes_during_a_database_outage_are_recorded_once_it_is_back() {
+    use liftwire_proto::naming::{presence_subject, BuildingId, DeviceId};
+    let mut rig = Rig::start().await;
+    let client = rig.nats.client().await.unwrap();
+    let building = BuildingId::new("b1").unwrap();
+    let change = |device: &str, state: v1::PresenceState, seconds: i64| {
+        let message = v1::Presence {
+            device_id: device.into(),
+            building_id: "b1".into(),
+            state: state as i32,
+            at: Some(liftwire_proto::Timestamp { seconds, nanos: 0 }),
+            ..Default::default()
+        };
+        (
+            presence_subject(&building, &DeviceId::new(device).unwrap()),
+            message.encode_to_vec(),
+        )
+    };
+    let t = 1_795_000_000;
+    rig.pg.stop();
+    for (subject, payload) in [
+        change("elev-1", v1::PresenceState::Offline, t),
+        change("elev-1", v1::PresenceState::Online, t + 1),
+        change("elev-2", v1::PresenceState::Offline, t),
+    ] {
+        client.publish(subject, payload.into()).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    eventually("the outage noticed", || async {
+        counter(&rig.ctx, "liftwire_telemetry_presence_record_failures") >= 1
+    })
+    .await;
+    rig.pg.restart().expect("postgres restarts");
+
+    let pool = rig.pg.pool().await.unwrap();
+    let presence = || async {
+        sqlx::query_as::<_, (String, bool)>(
+            "SELECT device_id, online FROM device_presence ORDER BY device_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    eventually("both devices recorded", || async {
+        presence().await.len() == 2
+    })
+    .await;
+    assert_eq!(
+        presence().await,
+        [("elev-1".to_owned(), true), ("elev-2".to_owned(), false)],
+        "each device's latest change"
+    );
+    eventually("nothing pending", || async {
+        counter(&rig.ctx, "liftwire_telemetry_presence_pending") == 0
+    })
+    .await;
+    pool.close().await;
+    rig.stop().await;
+}
+
+#[tokio::test]
 async fn postgres_restart_mid_stream_loses_nothing() {
     let mut rig = Rig::start().await;
     let topic = "lw/v1/b2/elev-3/up/event";
