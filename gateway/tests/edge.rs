@@ -179,6 +179,23 @@ async fn idle_sockets_do_not_block_tls_handshakes_and_certificates_bind_the_devi
     gw.stop().await;
 }
 
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Opens a WebSocket to the gateway asking for the `mqtt` subprotocol, as browsers do.
+async fn open_websocket(
+    addr: std::net::SocketAddr,
+) -> (
+    WebSocket,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    let mut request = format!("ws://{addr}/mqtt").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_tungstenite::client_async(request, tcp).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn browsers_speak_mqtt_over_websocket() {
     let (nats, pg) = servers().await;
@@ -197,14 +214,7 @@ async fn browsers_speak_mqtt_over_websocket() {
         .await
         .unwrap();
 
-    let mut request = format!("ws://{ws_addr}/mqtt")
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
-    let tcp = tokio::net::TcpStream::connect(ws_addr).await.unwrap();
-    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    let (mut ws, response) = open_websocket(ws_addr).await;
     assert_eq!(
         response.headers().get("sec-websocket-protocol").unwrap(),
         "mqtt"
@@ -245,20 +255,8 @@ async fn websocket_clients_that_stall_or_inflate_their_connect_are_refused_like_
         )
         .await
         .unwrap();
-    let open = || async {
-        let mut request = format!("ws://{ws_addr}/mqtt")
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
-        let tcp = tokio::net::TcpStream::connect(ws_addr).await.unwrap();
-        tokio_tungstenite::client_async(request, tcp)
-            .await
-            .unwrap()
-            .0
-    };
-    let closed = |mut ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>| async move {
+    let open = || async { open_websocket(ws_addr).await.0 };
+    let closed = |mut ws: WebSocket| async move {
         let end = tokio::time::timeout(WAIT, async {
             loop {
                 match ws.next().await {

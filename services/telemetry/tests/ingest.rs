@@ -147,6 +147,17 @@ impl Rig {
             .unwrap();
     }
 
+    /// Subscribes to the watermarks published for `device`.
+    async fn watermarks(&self, building: &str, device: &str) -> async_nats::Subscriber {
+        let client = self.nats.client().await.unwrap();
+        let watermarks = client
+            .subscribe(format!("lw.v1.down.{building}.{device}.watermark"))
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        watermarks
+    }
+
     async fn rows(&self, device: &str) -> i64 {
         let pool = self.pg.pool().await.unwrap();
         let n = sqlx::query_scalar("SELECT count(*) FROM device_messages WHERE device_id = $1")
@@ -204,12 +215,7 @@ async fn next_watermark(sub: &mut async_nats::Subscriber) -> u64 {
 #[tokio::test]
 async fn stores_each_sequence_once_and_publishes_contiguous_watermarks() {
     let rig = Rig::start().await;
-    let client = rig.nats.client().await.unwrap();
-    let mut watermarks = client
-        .subscribe("lw.v1.down.b1.elev-1.watermark")
-        .await
-        .unwrap();
-    client.flush().await.unwrap();
+    let mut watermarks = rig.watermarks("b1", "elev-1").await;
 
     let topic = "lw/v1/b1/elev-1/up/event";
     for seq in [1, 2, 4] {
@@ -298,12 +304,7 @@ async fn text_postgresql_cannot_store_is_refused_and_the_watermark_passes_it() {
     // Stored before the gateway refused it: a fault whose description holds a NUL character,
     // which PostgreSQL cannot store in `text`.
     let rig = Rig::start().await;
-    let client = rig.nats.client().await.unwrap();
-    let mut watermarks = client
-        .subscribe("lw.v1.down.b1.elev-1.watermark")
-        .await
-        .unwrap();
-    client.flush().await.unwrap();
+    let mut watermarks = rig.watermarks("b1", "elev-1").await;
     let topic = "lw/v1/b1/elev-1/up/event";
     let mut fault = event("elev-1", 1);
     fault.body = Some(v1::envelope::Body::Event(v1::Event {
