@@ -8,12 +8,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{connect_packet, envelope, login, servers, Replica, WAIT};
+use common::{connect_packet, envelope, login, provision, servers, Replica, WAIT};
 use futures::{SinkExt, StreamExt};
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_gateway::edge::TlsConfig;
 use liftwire_proto::mqtt;
-use liftwire_proto::naming::{BuildingId, DeviceId};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -91,24 +90,8 @@ async fn idle_sockets_do_not_block_tls_handshakes_and_certificates_bind_the_devi
     })
     .await;
     let tls_addr = gw.tls_addr.unwrap();
-    let secret = gw
-        .registry
-        .provision(
-            &BuildingId::new("b1").unwrap(),
-            &DeviceId::new("elev-1").unwrap(),
-            DeviceKind::Elevator,
-        )
-        .await
-        .unwrap();
-    let other = gw
-        .registry
-        .provision(
-            &BuildingId::new("b1").unwrap(),
-            &DeviceId::new("elev-2").unwrap(),
-            DeviceKind::Elevator,
-        )
-        .await
-        .unwrap();
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let other = provision(&gw, "b1", "elev-2", DeviceKind::Elevator).await;
 
     // Sockets that connect and never say anything (rumqttd's accept loop would hang on them).
     let mut idle = Vec::new();
@@ -204,15 +187,7 @@ async fn browsers_speak_mqtt_over_websocket() {
     })
     .await;
     let ws_addr = gw.ws_addr.unwrap();
-    let secret = gw
-        .registry
-        .provision(
-            &BuildingId::new("b1").unwrap(),
-            &DeviceId::new("screen-1").unwrap(),
-            DeviceKind::Screen,
-        )
-        .await
-        .unwrap();
+    let secret = provision(&gw, "b1", "screen-1", DeviceKind::Screen).await;
 
     let (mut ws, response) = open_websocket(ws_addr).await;
     assert_eq!(
@@ -246,15 +221,7 @@ async fn websocket_clients_that_stall_or_inflate_their_connect_are_refused_like_
     })
     .await;
     let ws_addr = gw.ws_addr.unwrap();
-    let secret = gw
-        .registry
-        .provision(
-            &BuildingId::new("b1").unwrap(),
-            &DeviceId::new("screen-1").unwrap(),
-            DeviceKind::Screen,
-        )
-        .await
-        .unwrap();
+    let secret = provision(&gw, "b1", "screen-1", DeviceKind::Screen).await;
     let open = || async { open_websocket(ws_addr).await.0 };
     let closed = |mut ws: WebSocket| async move {
         let end = tokio::time::timeout(WAIT, async {

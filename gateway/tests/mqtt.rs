@@ -8,25 +8,13 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{connect_packet, envelope, login, servers, Device, Replica, WAIT};
+use common::{connect_packet, envelope, login, provision, servers, Device, Replica, WAIT};
 use futures::StreamExt;
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_proto::mqtt;
-use liftwire_proto::naming::{BuildingId, DeviceId, DEAD_LETTER_STREAM, UPLINK_STREAM};
+use liftwire_proto::naming::{DeviceId, DEAD_LETTER_STREAM, UPLINK_STREAM};
 use liftwire_proto::{v1, Message};
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
-
-async fn provision(replica: &Replica, building: &str, device: &str, kind: DeviceKind) -> String {
-    replica
-        .registry
-        .provision(
-            &BuildingId::new(building).unwrap(),
-            &DeviceId::new(device).unwrap(),
-            kind,
-        )
-        .await
-        .unwrap()
-}
 
 async fn stream_messages(
     js: &jetstream::Context,

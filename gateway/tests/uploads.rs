@@ -5,10 +5,9 @@
 
 mod common;
 
-use common::{servers, Device, Replica};
+use common::{provision, servers, Device, Replica};
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_gateway::uploads::UploadsConfig;
-use liftwire_proto::naming::{BuildingId, DeviceId};
 use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
 use liftwire_testkit::S3;
 use sha2::{Digest, Sha256};
@@ -79,15 +78,7 @@ async fn a_device_uploads_through_a_presigned_url_and_the_bus_carries_only_the_r
         config.uploads = Some(uploads)
     })
     .await;
-    let secret = gw
-        .registry
-        .provision(
-            &BuildingId::new("b1").unwrap(),
-            &DeviceId::new("elev-1").unwrap(),
-            DeviceKind::Elevator,
-        )
-        .await
-        .unwrap();
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
     let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
         .connected()
         .await;

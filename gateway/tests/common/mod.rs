@@ -6,8 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use liftwire_gateway::acl::DeviceKind;
 use liftwire_gateway::registry::Registry;
 use liftwire_gateway::{Config, Gateway, MqttConfig};
+use liftwire_proto::naming::{BuildingId, DeviceId};
 use liftwire_proto::{mqtt, v1, Message, Timestamp, SCHEMA_VERSION};
 use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::NatsConfig;
@@ -18,6 +20,24 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Provisions `device` of `building` in the replica's registry; returns its secret.
+pub async fn provision(
+    replica: &Replica,
+    building: &str,
+    device: &str,
+    kind: DeviceKind,
+) -> String {
+    replica
+        .registry
+        .provision(
+            &BuildingId::new(building).unwrap(),
+            &DeviceId::new(device).unwrap(),
+            kind,
+        )
+        .await
+        .unwrap()
+}
 
 /// A running gateway replica.
 pub struct Replica {
