@@ -40,61 +40,48 @@ pub const DEVICE_TEXT_FIELDS: &[&str] = &[
 pub fn nul_in_text(envelope: &v1::Envelope) -> Option<&'static str> {
     use v1::envelope::Body;
     use v1::event::Kind;
-    let mut texts: [(&'static str, &str); 4] = [("", ""); 4];
-    let fields: &[(&'static str, &str)] = match &envelope.body {
-        None | Some(Body::Telemetry(_)) => &[],
-        Some(Body::ScreenAck(a)) => {
-            texts[0] = ("ScreenAck.content_id", &a.content_id);
-            &texts[..1]
-        }
-        Some(Body::CommandResult(r)) => {
-            if let Some(field) = r.output.as_ref().and_then(nul_in_object) {
-                return Some(field);
-            }
-            texts[0] = ("CommandResult.command_id", &r.command_id);
-            texts[1] = ("CommandResult.detail", &r.detail);
-            &texts[..2]
-        }
-        Some(Body::UploadRequest(r)) => {
-            texts[0] = ("UploadRequest.request_id", &r.request_id);
-            texts[1] = ("UploadRequest.content_type", &r.content_type);
-            texts[2] = ("UploadRequest.purpose", &r.purpose);
-            &texts[..3]
-        }
+    if envelope.device_id.contains('\0') {
+        return Some("Envelope.device_id");
+    }
+    match &envelope.body {
+        None | Some(Body::Telemetry(_)) => None,
+        Some(Body::ScreenAck(a)) => first_nul(&[("ScreenAck.content_id", &a.content_id)]),
+        Some(Body::CommandResult(r)) => r.output.as_ref().and_then(nul_in_object).or_else(|| {
+            first_nul(&[
+                ("CommandResult.command_id", &r.command_id),
+                ("CommandResult.detail", &r.detail),
+            ])
+        }),
+        Some(Body::UploadRequest(r)) => first_nul(&[
+            ("UploadRequest.request_id", &r.request_id),
+            ("UploadRequest.content_type", &r.content_type),
+            ("UploadRequest.purpose", &r.purpose),
+        ]),
         Some(Body::Event(v1::Event { kind })) => match kind {
-            Some(Kind::FaultRaised(f)) => {
-                texts[0] = ("FaultRaised.fault_id", &f.fault_id);
-                texts[1] = ("FaultRaised.vendor_code", &f.vendor_code);
-                texts[2] = ("FaultRaised.description", &f.description);
-                &texts[..3]
-            }
-            Some(Kind::FaultCleared(f)) => {
-                texts[0] = ("FaultCleared.fault_id", &f.fault_id);
-                texts[1] = ("FaultCleared.vendor_code", &f.vendor_code);
-                &texts[..2]
-            }
-            Some(Kind::AlarmSelfTest(t)) => {
-                texts[0] = ("AlarmSelfTest.detail", &t.detail);
-                &texts[..1]
-            }
+            Some(Kind::FaultRaised(f)) => first_nul(&[
+                ("FaultRaised.fault_id", &f.fault_id),
+                ("FaultRaised.vendor_code", &f.vendor_code),
+                ("FaultRaised.description", &f.description),
+            ]),
+            Some(Kind::FaultCleared(f)) => first_nul(&[
+                ("FaultCleared.fault_id", &f.fault_id),
+                ("FaultCleared.vendor_code", &f.vendor_code),
+            ]),
+            Some(Kind::AlarmSelfTest(t)) => first_nul(&[("AlarmSelfTest.detail", &t.detail)]),
             Some(Kind::EntrapmentStarted(e)) => {
-                texts[0] = ("EntrapmentStarted.entrapment_id", &e.entrapment_id);
-                &texts[..1]
+                first_nul(&[("EntrapmentStarted.entrapment_id", &e.entrapment_id)])
             }
             Some(Kind::EntrapmentReleased(e)) => {
-                texts[0] = ("EntrapmentReleased.entrapment_id", &e.entrapment_id);
-                &texts[..1]
+                first_nul(&[("EntrapmentReleased.entrapment_id", &e.entrapment_id)])
             }
-            Some(Kind::MaintenanceVisitStarted(v)) => {
-                texts[0] = ("MaintenanceVisitStarted.visit_id", &v.visit_id);
-                texts[1] = ("MaintenanceVisitStarted.technician", &v.technician);
-                &texts[..2]
-            }
-            Some(Kind::MaintenanceVisitEnded(v)) => {
-                texts[0] = ("MaintenanceVisitEnded.visit_id", &v.visit_id);
-                texts[1] = ("MaintenanceVisitEnded.notes", &v.notes);
-                &texts[..2]
-            }
+            Some(Kind::MaintenanceVisitStarted(v)) => first_nul(&[
+                ("MaintenanceVisitStarted.visit_id", &v.visit_id),
+                ("MaintenanceVisitStarted.technician", &v.technician),
+            ]),
+            Some(Kind::MaintenanceVisitEnded(v)) => first_nul(&[
+                ("MaintenanceVisitEnded.visit_id", &v.visit_id),
+                ("MaintenanceVisitEnded.notes", &v.notes),
+            ]),
             Some(
                 Kind::TripCompleted(_)
                 | Kind::DoorCycle(_)
@@ -103,27 +90,28 @@ pub fn nul_in_text(envelope: &v1::Envelope) -> Option<&'static str> {
                 | Kind::PowerLost(_)
                 | Kind::PowerRestored(_),
             )
-            | None => &[],
+            | None => None,
         },
-    };
-    std::iter::once(("Envelope.device_id", envelope.device_id.as_str()))
-        .chain(fields.iter().copied())
-        .find(|(_, text)| text.contains('\0'))
-        .map(|(field, _)| field)
+    }
 }
 
 fn nul_in_object(object: &v1::ObjectRef) -> Option<&'static str> {
     let presigned = object.presigned.as_ref();
-    [
-        ("ObjectRef.bucket", object.bucket.as_str()),
+    first_nul(&[
+        ("ObjectRef.bucket", &object.bucket),
         ("ObjectRef.key", &object.key),
         ("ObjectRef.content_type", &object.content_type),
         ("PresignedUrl.url", presigned.map_or("", |p| &p.url)),
         ("PresignedUrl.method", presigned.map_or("", |p| &p.method)),
-    ]
-    .into_iter()
-    .find(|(_, text)| text.contains('\0'))
-    .map(|(field, _)| field)
+    ])
+}
+
+/// The name of the first of `fields` whose text holds a NUL character.
+fn first_nul(fields: &[(&'static str, &str)]) -> Option<&'static str> {
+    fields
+        .iter()
+        .find(|(_, text)| text.contains('\0'))
+        .map(|(field, _)| *field)
 }
 
 #[cfg(test)]
