@@ -112,14 +112,10 @@ pub async fn follow(
     let mut pause = FIRST_RETRY;
     loop {
         if !pending.is_empty() && tokio::time::Instant::now() >= retry_at {
-            let devices: Vec<String> = pending.keys().cloned().collect();
-            for device in devices {
-                let Some(presence) = pending.get(&device) else {
-                    continue;
-                };
-                match record(&pool, presence).await {
+            let mut waiting = std::mem::take(&mut pending).into_iter();
+            while let Some((device, presence)) = waiting.next() {
+                match record(&pool, &presence).await {
                     Ok(change) => {
-                        pending.remove(&device);
                         pause = FIRST_RETRY;
                         if let Some(change) = change {
                             alerts::announce(&nats, &change).await;
@@ -127,7 +123,9 @@ pub async fn follow(
                     }
                     Err(e) => {
                         metrics.failures.inc();
-                        tracing::warn!(error = %e, device, pending = pending.len(), retry_in = ?pause, "recording presence failed; kept for a retry");
+                        tracing::warn!(error = %e, device, retry_in = ?pause, "recording presence failed; kept for a retry");
+                        pending.insert(device, presence);
+                        pending.extend(waiting);
                         retry_at = tokio::time::Instant::now() + pause;
                         pause = (pause * 2).min(MAX_RETRY);
                         break;
