@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +53,18 @@ pub struct EdgeLimits {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; more connections wait to be served.
     pub max_pending_handshakes: usize,
+    /// Largest WebSocket message (and frame) taken after the handshake: the largest MQTT packet
+    /// the broker accepts ([`EdgeLimits::websocket_message_bytes`]). A larger one closes the
+    /// connection before it is buffered.
+    pub max_websocket_message_bytes: usize,
+}
+
+impl EdgeLimits {
+    /// The WebSocket message limit for a broker taking payloads of up to `max_payload_bytes`:
+    /// the payload plus room for the packet's topic (at most 64 KiB) and properties.
+    pub fn websocket_message_bytes(max_payload_bytes: usize) -> usize {
+        max_payload_bytes.saturating_add(MAX_CONNECT_BYTES)
+    }
 }
 
 /// Why an edge could not be set up.
@@ -342,9 +355,14 @@ pub async fn serve_websocket(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    // tungstenite's defaults (64 MiB messages, 16 MiB frames) would let one client make the
+    // gateway buffer far more than any packet the broker takes.
+    let websocket_config = WebSocketConfig::default()
+        .max_message_size(Some(limits.max_websocket_message_bytes))
+        .max_frame_size(Some(limits.max_websocket_message_bytes));
     let handshake = move |socket: TcpStream| async move {
         #[allow(clippy::result_large_err)] // the callback's signature is tungstenite's
-        let accepted = tokio_tungstenite::accept_hdr_async(
+        let accepted = tokio_tungstenite::accept_hdr_async_with_config(
             socket,
             |request: &Request, mut response: Response| {
                 let asks_mqtt = request
@@ -359,6 +377,7 @@ pub async fn serve_websocket(
                 }
                 Ok(response)
             },
+            Some(websocket_config),
         )
         .await;
         let mut ws = accepted.map_err(|_| "websocket_handshake")?;
@@ -380,7 +399,22 @@ pub async fn serve_websocket(
         };
         Ok((ws, first, route(&head, upstream)?))
     };
-    let serve = |(ws, first, to)| bridge_websocket(ws, first, to);
+    let counted = metrics.clone();
+    let serve = move |(ws, first, to)| {
+        let metrics = counted.clone();
+        async move {
+            let result = bridge_websocket(ws, first, to).await;
+            if let Err(WebSocketEnd::MessageTooLarge) = result {
+                metrics
+                    .acl_violations
+                    .get_or_create(&Reason {
+                        reason: "websocket_message_too_large",
+                    })
+                    .inc();
+            }
+            result.map_err(BoxError::from)
+        }
+    };
     accept_loop(
         "websocket",
         listener,
@@ -393,12 +427,37 @@ pub async fn serve_websocket(
     .await;
 }
 
+/// Why a spliced WebSocket connection ended in error.
+#[derive(Debug, thiserror::Error)]
+enum WebSocketEnd {
+    /// The client sent a message or frame over the limit.
+    #[error("WebSocket message over the limit")]
+    MessageTooLarge,
+    /// The WebSocket protocol was broken.
+    #[error("WebSocket: {0}")]
+    WebSocket(#[source] tokio_tungstenite::tungstenite::Error),
+    /// The socket to the client or to the broker failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<tokio_tungstenite::tungstenite::Error> for WebSocketEnd {
+    fn from(e: tokio_tungstenite::tungstenite::Error) -> Self {
+        use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+        match e {
+            Error::Capacity(CapacityError::MessageTooLong { .. }) => Self::MessageTooLarge,
+            Error::Io(e) => Self::Io(e),
+            e => Self::WebSocket(e),
+        }
+    }
+}
+
 /// Splices a WebSocket whose CONNECT (`first`) is read to the broker listener `to`.
 async fn bridge_websocket(
     ws: tokio_tungstenite::WebSocketStream<TcpStream>,
     first: BytesMut,
     to: SocketAddr,
-) -> Result<(), BoxError> {
+) -> Result<(), WebSocketEnd> {
     let (mut ws_tx, mut ws_rx) = ws.split();
     let broker = TcpStream::connect(to).await?;
     broker.set_nodelay(true)?;
@@ -413,7 +472,7 @@ async fn bridge_websocket(
             }
         }
         to_broker.shutdown().await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        Ok::<_, WebSocketEnd>(())
     };
     let outbound = async move {
         let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -426,7 +485,7 @@ async fn bridge_websocket(
             buf.reserve(16 * 1024);
         }
         let _ = ws_tx.close().await;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        Ok::<_, WebSocketEnd>(())
     };
     tokio::select! {
         r = inbound => r,

@@ -520,6 +520,9 @@ impl Service for Gateway {
         let limits = edge::EdgeLimits {
             handshake_timeout: config.mqtt.handshake_timeout,
             max_pending_handshakes: config.mqtt.max_pending_handshakes,
+            max_websocket_message_bytes: edge::EdgeLimits::websocket_message_bytes(
+                config.mqtt.max_payload_bytes,
+            ),
         };
         let mut edges = Vec::new();
         if let Some((listener, tls)) = tls {

@@ -275,3 +275,66 @@ async fn websocket_clients_that_stall_or_inflate_their_connect_are_refused_like_
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_messages_larger_than_any_packet_close_only_their_connection() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start_with(&nats, &pg, "gw-1", |mqtt| {
+        mqtt.listen_ws = Some("127.0.0.1:0".parse().unwrap())
+    })
+    .await;
+    let ws_addr = gw.ws_addr.unwrap();
+    let limit = liftwire_gateway::edge::EdgeLimits::websocket_message_bytes(
+        liftwire_gateway::MqttConfig::default().max_payload_bytes,
+    );
+    let mut screens = Vec::new();
+    for id in ["screen-1", "screen-2"] {
+        let secret = provision(&gw, "b1", id, DeviceKind::Screen).await;
+        let (mut ws, _) = open_websocket(ws_addr).await;
+        ws.send(Message::Binary(connect_packet(id, &secret).into()))
+            .await
+            .unwrap();
+        let reply = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.into_data().as_ref(), mqtt::CONNACK_ACCEPTED);
+        screens.push(ws);
+    }
+    let mut polite = screens.pop().unwrap();
+    let mut greedy = screens.pop().unwrap();
+
+    // One message a byte over the limit: refused as it arrives, not buffered and handed on.
+    let _ = greedy
+        .send(Message::Binary(vec![0u8; limit + 1].into()))
+        .await;
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match greedy.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the gateway closed the greedy WebSocket");
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains("reason=\"websocket_message_too_large\"} 1"),
+        "{metrics}"
+    );
+
+    // The other screen's connection is untouched.
+    polite
+        .send(Message::Binary(mqtt::PINGREQ.to_vec().into()))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(WAIT, polite.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_data().as_ref(), [0xD0, 0x00], "PINGRESP");
+    gw.stop().await;
+}
