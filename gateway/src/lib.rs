@@ -7,7 +7,8 @@
 //!   into `LW_DLQ` with its reason.
 //! * What services publish on downlink subjects reaches exactly the addressed devices through
 //!   the broker ([`downlink`]); retained kinds come from `LW_RETAINED`.
-//! * Presence changes go to `lw.v1.presence.{building}.{device}`.
+//! * Presence changes go to `lw.v1.presence.{building}.{device}`, stored in `LW_PRESENCE`
+//!   ([`presence`]).
 //!
 //! No local state: several replicas serve the same fleet.
 
@@ -16,6 +17,7 @@ pub mod control;
 pub mod downlink;
 pub mod edge;
 pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod session;
@@ -31,7 +33,7 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::jetstream;
 use chrono::Utc;
-use liftwire_proto::naming::{DEAD_LETTER_STREAM, RETAINED_STREAM, UPLINK_STREAM};
+use liftwire_proto::naming::{DEAD_LETTER_STREAM, PRESENCE_STREAM, RETAINED_STREAM, UPLINK_STREAM};
 use liftwire_runtime::admin::ReadinessCheck;
 use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
@@ -321,7 +323,12 @@ impl Service for Gateway {
         )
         .await?;
         let js = jetstream::new(nats.clone());
-        for spec in [&UPLINK_STREAM, &DEAD_LETTER_STREAM, &RETAINED_STREAM] {
+        for spec in [
+            &UPLINK_STREAM,
+            &DEAD_LETTER_STREAM,
+            &RETAINED_STREAM,
+            &PRESENCE_STREAM,
+        ] {
             ensure_stream(&js, spec, &config.nats).await?;
         }
 
@@ -454,11 +461,11 @@ impl Service for Gateway {
             },
             tasks.child_token(),
         ));
-        let presence = tokio::spawn(uplink::presence(
+        let presence = tokio::spawn(presence::run(
             presence_rx,
-            nats.clone(),
+            js.clone(),
             metrics.clone(),
-            config.gateway_id.clone(),
+            presence::PresenceSettings::new(config.gateway_id.clone()),
             tasks.child_token(),
         ));
         let drain = tokio::spawn(downlink::drain_link(link_rx, tasks.child_token()));

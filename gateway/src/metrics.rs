@@ -52,6 +52,8 @@ pub struct Metrics {
     pub downlink_rejects: Family<Reason, Counter>,
     /// Presence events published.
     pub presence_events: Family<Kind, Counter>,
+    /// Presence changes JetStream did not store (kept and published again).
+    pub presence_failures: Counter,
 }
 
 impl Metrics {
@@ -72,6 +74,7 @@ impl Metrics {
             downlink_messages: Family::default(),
             downlink_rejects: Family::default(),
             presence_events: Family::default(),
+            presence_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("gateway");
         r.register(
@@ -141,8 +144,13 @@ impl Metrics {
         );
         r.register(
             "presence_events",
-            "Presence events published, by state",
+            "Presence events stored in LW_PRESENCE, by state",
             m.presence_events.clone(),
+        );
+        r.register(
+            "presence_failures",
+            "Presence changes JetStream did not store (kept and published again)",
+            m.presence_failures.clone(),
         );
         m
     }

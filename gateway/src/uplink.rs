@@ -1,5 +1,5 @@
 //! The uplink bridge: validated device messages into JetStream, invalid ones into the
-//! dead-letter stream, presence changes onto NATS.
+//! dead-letter stream.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use liftwire_proto::naming::{dead_letter_subject, presence_subject, uplink_msg_id, UplinkKind};
+use liftwire_proto::naming::{dead_letter_subject, uplink_msg_id, UplinkKind};
 use liftwire_proto::text::nul_in_text;
 use liftwire_proto::{v1, Message, SCHEMA_VERSION};
 use liftwire_runtime::observability::inject_trace_context;
@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Kind, Metrics, Reason};
-use crate::session::{Incoming, PresenceChange};
+use crate::session::Incoming;
 
 /// Why a device message was dead-lettered.
 #[derive(Debug, thiserror::Error)]
@@ -322,47 +322,6 @@ async fn dead_letter(
     if let Err(e) = stored {
         metrics.dead_letter_failures.inc();
         tracing::error!(error = %e, device = %incoming.identity.device, "could not store a dead letter");
-    }
-}
-
-/// Publishes presence changes on NATS until `shutdown`.
-pub async fn presence(
-    mut rx: mpsc::Receiver<PresenceChange>,
-    nats: async_nats::Client,
-    metrics: Metrics,
-    gateway_id: String,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let change = tokio::select! {
-            change = rx.recv() => change,
-            _ = shutdown.cancelled() => rx.try_recv().ok(),
-        };
-        let Some(change) = change else { break };
-        let state = match change.state {
-            v1::PresenceState::Online => "online",
-            _ => "offline",
-        };
-        let message = v1::Presence {
-            device_id: change.identity.device.to_string(),
-            building_id: change.identity.building.to_string(),
-            state: change.state as i32,
-            reason: change.reason as i32,
-            at: Some(liftwire_proto::timestamp(SystemTime::now())),
-            gateway_id: gateway_id.clone(),
-        };
-        let subject = presence_subject(&change.identity.building, &change.identity.device);
-        match nats.publish(subject, message.encode_to_vec().into()).await {
-            Ok(()) => {
-                metrics
-                    .presence_events
-                    .get_or_create(&Kind { kind: state })
-                    .inc();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, device = %change.identity.device, "publishing presence failed")
-            }
-        }
     }
 }
 

@@ -12,7 +12,7 @@ use common::{connect_packet, envelope, login, provision, servers, Device, Replic
 use futures::StreamExt;
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_proto::mqtt;
-use liftwire_proto::naming::{DeviceId, DEAD_LETTER_STREAM, UPLINK_STREAM};
+use liftwire_proto::naming::{DeviceId, DEAD_LETTER_STREAM, PRESENCE_STREAM, UPLINK_STREAM};
 use liftwire_proto::{v1, Message};
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
 
@@ -974,6 +974,76 @@ async fn failed_publishes_wait_out_one_backoff_together_not_one_backoff_each() {
         SENT,
         "stored after {:?}",
         back.elapsed()
+    );
+    gw.stop().await;
+}
+
+/// Polls `done` until it holds, failing the test with `what` after [`WAIT`].
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn presence_changes_jetstream_refused_are_kept_and_stored_once_it_is_back() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let staying = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let leaving = provision(&gw, "b1", "elev-2", DeviceKind::Elevator).await;
+    let js = jetstream::new(nats.client().await.unwrap());
+    // No presence stream: JetStream refuses every change, and nobody listens on core NATS.
+    js.delete_stream(PRESENCE_STREAM.name).await.unwrap();
+    let _staying = Device::connect(gw.addr, "elev-1", "elev-1", &staying)
+        .connected()
+        .await;
+    let left = Device::connect(gw.addr, "elev-2", "elev-2", &leaving)
+        .connected()
+        .await;
+    left.client.disconnect().await.unwrap();
+    let value = |metric: &str| {
+        gw.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(metric)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    until("elev-2 gone", &|| {
+        value("liftwire_gateway_connections ") == 1
+    })
+    .await;
+    // Two more rounds of refusals (both devices' latest changes each): elev-2's offline is
+    // among the kept changes by now.
+    let refused = value("liftwire_gateway_presence_failures_total ");
+    until("changes refused and kept", || {
+        value("liftwire_gateway_presence_failures_total ") >= refused + 4
+    })
+    .await;
+
+    let config = NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    };
+    ensure_stream(&js, &PRESENCE_STREAM, &config).await.unwrap();
+    let stored = stream_messages(&js, PRESENCE_STREAM.name, 2).await;
+    let mut stream = js.get_stream(PRESENCE_STREAM.name).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
+    let mut stored: Vec<(String, v1::PresenceState)> = stored
+        .iter()
+        .map(|m| {
+            let presence = v1::Presence::decode(m.payload.as_ref()).unwrap();
+            (presence.device_id.clone(), presence.state())
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            ("elev-1".to_owned(), v1::PresenceState::Online),
+            ("elev-2".to_owned(), v1::PresenceState::Offline)
+        ],
+        "each device's latest change, once (elev-2's online was superseded while kept)"
     );
     gw.stop().await;
 }

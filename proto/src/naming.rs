@@ -12,7 +12,7 @@
 //!                  MQTT  lw/v1/{building}/{device}/down/{kind}
 //! building-wide    NATS  lw.v1.down.{building}._all.{kind}            (e.g. notices for all screens)
 //!                  MQTT  lw/v1/{building}/_all/down/{kind}
-//! presence         NATS  lw.v1.presence.{building}.{device}
+//! presence         NATS  lw.v1.presence.{building}.{device}          (stream LW_PRESENCE)
 //! live state       NATS  lw.v1.state.{building}.{device}              (telemetry → API)
 //! dead letters     NATS  lw.v1.dlq.{source}                           (stream LW_DLQ)
 //! alerts           NATS  lw.v1.alerts.{building}
@@ -502,6 +502,15 @@ pub const DEAD_LETTER_STREAM: StreamSpec = StreamSpec {
     name: "LW_DLQ",
     subjects: &[DEAD_LETTER_FILTER],
     description: "dead letters: rejected messages with the reason and device id",
+    max_msgs_per_subject: 0,
+};
+
+/// Presence changes from the gateways, durable, so that a change published while no telemetry
+/// replica runs, or while one fails to record it, is still recorded.
+pub const PRESENCE_STREAM: StreamSpec = StreamSpec {
+    name: "LW_PRESENCE",
+    subjects: &[PRESENCE_FILTER],
+    description: "device presence changes (online, offline with reason) from the gateways",
     max_msgs_per_subject: 0,
 };
 

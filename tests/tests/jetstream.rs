@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use liftwire_proto::naming::{
-    uplink_msg_id, BuildingId, DeviceId, Uplink, UplinkKind, DEAD_LETTER_STREAM, RETAINED_STREAM,
-    UPLINK_STREAM,
+    uplink_msg_id, BuildingId, DeviceId, Uplink, UplinkKind, DEAD_LETTER_STREAM, PRESENCE_STREAM,
+    RETAINED_STREAM, UPLINK_STREAM,
 };
 use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
 use liftwire_runtime::nats::{ensure_stream, NatsConfig, NatsError, StreamStorage};
@@ -157,6 +157,11 @@ async fn each_stream_keeps_messages_for_its_configured_age_and_redeclaring_updat
     assert_eq!(max_age(&DEAD_LETTER_STREAM).await, 2 * hour);
     // The latest screen content and watermark of a device stay however old they are.
     assert_eq!(max_age(&RETAINED_STREAM).await, Duration::ZERO);
+    assert_eq!(
+        max_age(&PRESENCE_STREAM).await,
+        hour,
+        "presence lasts as uplink"
+    );
 
     config.uplink_max_age = 3 * hour;
     let mut stream = ensure_stream(&js, &UPLINK_STREAM, &config).await.unwrap();

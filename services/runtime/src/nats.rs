@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use liftwire_proto::naming::{StreamSpec, DEAD_LETTER_STREAM, UPLINK_STREAM};
+use liftwire_proto::naming::{StreamSpec, DEAD_LETTER_STREAM, PRESENCE_STREAM, UPLINK_STREAM};
 use serde::Deserialize;
 
 /// `[nats]` settings shared by every binary that talks to NATS.
@@ -34,6 +34,7 @@ pub struct NatsConfig {
     /// the devices and the telemetry service, so this is the longest telemetry outage it
     /// absorbs; older messages are removed, read or not (a device still holding one resends
     /// it, see ARCHITECTURE.md, "Losslessness"). Disk needed: uplink rate × this × ~400 bytes.
+    /// `LW_PRESENCE` (presence changes, far fewer) keeps its messages as long.
     #[serde(with = "humantime_serde")]
     pub uplink_max_age: Duration,
     /// How long `LW_DLQ` keeps a dead letter for inspection (`0s`: for ever).
@@ -73,7 +74,7 @@ impl NatsConfig {
     /// dead-letter streams, for ever (zero) for the others (`LW_RETAINED` keeps the latest
     /// message per subject however old it is).
     pub fn max_age(&self, spec: &StreamSpec) -> Duration {
-        if *spec == UPLINK_STREAM {
+        if *spec == UPLINK_STREAM || *spec == PRESENCE_STREAM {
             self.uplink_max_age
         } else if *spec == DEAD_LETTER_STREAM {
             self.dead_letter_max_age
