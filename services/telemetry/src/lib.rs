@@ -57,7 +57,7 @@ pub struct Telemetry {
     pool: sqlx::PgPool,
     partitions: Arc<partitions::Partitions>,
     alerts: alerts::AlertConfig,
-    presence_metrics: presence::PresenceMetrics,
+    presence: presence::Presence,
 }
 
 impl Service for Telemetry {
@@ -87,13 +87,15 @@ impl Service for Telemetry {
             ctx,
         )
         .await?;
+        let presence =
+            presence::Presence::build(nats.clone(), &config.nats, pool.clone(), ctx).await?;
         Ok(Self {
             ingest,
             nats,
             pool,
             partitions,
             alerts: config.alerts,
-            presence_metrics: presence::PresenceMetrics::register(ctx),
+            presence,
         })
     }
 
@@ -102,16 +104,6 @@ impl Service for Telemetry {
             pool: self.pool.clone(),
             self_test_every: self.alerts.self_test_every,
             nats: self.nats.clone(),
-        };
-        let presence = async {
-            presence::follow(
-                self.nats.clone(),
-                self.pool.clone(),
-                self.presence_metrics.clone(),
-                shutdown.clone(),
-            )
-            .await
-            .map_err(BoxError::from)
         };
         let background = async {
             tokio::join!(
@@ -128,7 +120,7 @@ impl Service for Telemetry {
         tokio::try_join!(
             self.ingest.run(shutdown.clone()),
             query::serve(queries, shutdown.clone()),
-            presence,
+            self.presence.run(shutdown.clone()),
             background,
         )?;
         Ok(())

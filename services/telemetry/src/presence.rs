@@ -1,14 +1,16 @@
-//! Device presence from the gateways (`lw.v1.presence.<building>.<device>`): the `online` flag of
-//! the live state, and the device-offline alert, resolved as soon as the device is back.
+//! Device presence from the gateways (`LW_PRESENCE`, `lw.v1.presence.<building>.<device>`): the
+//! `online` flag of the live state, and the device-offline alert, resolved as soon as the device
+//! is back.
 
-use std::collections::hash_map::{Entry, HashMap};
 use std::time::Duration;
 
+use async_nats::jetstream::{self, consumer::pull, AckKind};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use liftwire_proto::naming::PRESENCE_FILTER;
+use liftwire_proto::naming::PRESENCE_STREAM;
 use liftwire_proto::{v1, Message};
-use liftwire_runtime::service::BuildContext;
+use liftwire_runtime::nats::{ensure_stream, NatsConfig};
+use liftwire_runtime::service::{BoxError, BuildContext};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
@@ -61,9 +63,9 @@ pub async fn record(
 /// Presence counters, registered as `liftwire_telemetry_presence_*`.
 #[derive(Clone, Default)]
 pub struct PresenceMetrics {
-    /// Attempts to record a change that failed (the change is kept and retried).
+    /// Attempts to record a change that failed (the change is delivered again).
     failures: Counter,
-    /// Changes waiting to be recorded, one per device at most.
+    /// Changes in `LW_PRESENCE` not yet delivered to this service.
     pending: Gauge,
 }
 
@@ -75,92 +77,157 @@ impl PresenceMetrics {
         let registry = registry.sub_registry_with_prefix("telemetry_presence");
         registry.register(
             "record_failures",
-            "Presence changes that could not be recorded yet (kept and retried)",
+            "Presence changes that could not be recorded yet (delivered again)",
             metrics.failures.clone(),
         );
         registry.register(
             "pending",
-            "Presence changes waiting to be recorded, at most one per device",
+            "Presence changes in LW_PRESENCE not yet delivered to the telemetry service",
             metrics.pending.clone(),
         );
         metrics
     }
 }
 
+/// Name of the durable consumer every replica shares.
+pub const CONSUMER: &str = "telemetry-presence";
 /// First pause after presence could not be recorded; it doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(100);
-/// Longest pause between two attempts to record pending presence.
+/// Longest pause between two attempts to record presence.
 const MAX_RETRY: Duration = Duration::from_secs(5);
+/// How long a delivered change may stay unacknowledged before it is delivered again (a replica
+/// that died holding it).
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Idle heartbeat of the pull subscription, so a lost NATS connection is noticed.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// Follows presence changes until `shutdown` (replicas share them through a queue group).
-///
-/// Presence arrives on core NATS, without redelivery: a change that cannot be recorded (the
-/// database is down) is kept, the latest per device, and recorded once the database is back;
-/// meanwhile the subscription keeps being read, so a long outage neither loses the changes nor
-/// overflows the subscription, and costs one attempt per pause, not one per change.
-pub async fn follow(
+/// Records presence changes from `LW_PRESENCE`.
+pub struct Presence {
     nats: async_nats::Client,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
     pool: sqlx::PgPool,
     metrics: PresenceMetrics,
-    shutdown: CancellationToken,
-) -> Result<(), async_nats::SubscribeError> {
-    let mut changes = nats
-        .queue_subscribe(PRESENCE_FILTER, "telemetry".into())
-        .await?;
-    let mut pending: HashMap<String, v1::Presence> = HashMap::new();
-    let mut retry_at = tokio::time::Instant::now();
-    let mut pause = FIRST_RETRY;
-    loop {
-        if !pending.is_empty() && tokio::time::Instant::now() >= retry_at {
-            let mut waiting = std::mem::take(&mut pending).into_iter();
-            while let Some((device, presence)) = waiting.next() {
-                match record(&pool, &presence).await {
-                    Ok(change) => {
-                        pause = FIRST_RETRY;
-                        if let Some(change) = change {
-                            alerts::announce(&nats, &change).await;
-                        }
-                    }
-                    Err(e) => {
-                        metrics.failures.inc();
-                        tracing::warn!(error = %e, device, retry_in = ?pause, "recording presence failed; kept for a retry");
-                        pending.insert(device, presence);
-                        pending.extend(waiting);
-                        retry_at = tokio::time::Instant::now() + pause;
-                        pause = (pause * 2).min(MAX_RETRY);
-                        break;
-                    }
-                }
-            }
-        }
-        metrics.pending.set(pending.len() as i64);
-        let message = tokio::select! {
-            message = changes.next() => match message { Some(m) => m, None => break },
-            () = tokio::time::sleep_until(retry_at), if !pending.is_empty() => continue,
-            _ = shutdown.cancelled() => break,
-        };
-        let Ok(presence) = v1::Presence::decode(message.payload.as_ref()) else {
-            tracing::warn!(subject = %message.subject, "ignoring an undecodable presence change");
-            continue;
-        };
-        match pending.entry(presence.device_id.clone()) {
-            Entry::Occupied(mut kept) => {
-                if moment(&presence) >= moment(kept.get()) {
-                    kept.insert(presence);
-                }
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(presence);
-            }
-        }
-    }
-    Ok(())
 }
 
-/// When a presence change happened, for keeping the latest of a device's pending ones.
-fn moment(presence: &v1::Presence) -> (i64, i32) {
-    presence
-        .at
-        .as_ref()
-        .map_or((0, 0), |t| (t.seconds, t.nanos))
+impl Presence {
+    /// Declares the stream and the durable consumer, and registers metrics.
+    pub async fn build(
+        nats: async_nats::Client,
+        nats_config: &NatsConfig,
+        pool: sqlx::PgPool,
+        ctx: &BuildContext,
+    ) -> Result<Self, BoxError> {
+        let js = jetstream::new(nats.clone());
+        let stream = ensure_stream(&js, &PRESENCE_STREAM, nats_config).await?;
+        let consumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    description: Some(
+                        "telemetry service presence (shared by every replica)".into(),
+                    ),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(Self {
+            nats,
+            consumer,
+            pool,
+            metrics: PresenceMetrics::register(ctx),
+        })
+    }
+
+    /// Records presence changes until `shutdown`.
+    ///
+    /// A change is acknowledged once recorded. One that cannot be recorded (the database is
+    /// down) is handed back to JetStream to be delivered again after a pause, and the next one
+    /// waits for that pause too: a long outage costs one attempt per pause, not one per change,
+    /// and loses nothing, whichever replica records it in the end. Changes are applied by their
+    /// time, so one delivered late never overwrites a newer one.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
+        let mut pause = FIRST_RETRY;
+        let mut pulling: Option<pull::Stream> = None;
+        while !shutdown.is_cancelled() {
+            let messages = match pulling.as_mut() {
+                Some(messages) => messages,
+                None => {
+                    let opened = tokio::select! {
+                        opened = self.consumer.stream().heartbeat(PULL_HEARTBEAT).messages() => opened,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    match opened {
+                        Ok(messages) => pulling.insert(messages),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pulling presence from JetStream failed; retrying");
+                            wait(pause, &shutdown).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let message = tokio::select! {
+                message = messages.next() => message,
+                _ = shutdown.cancelled() => break,
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pulling presence from JetStream failed; retrying");
+                    pulling = None;
+                    wait(pause, &shutdown).await;
+                    continue;
+                }
+                None => {
+                    pulling = None;
+                    continue;
+                }
+            };
+            if let Ok(info) = message.info() {
+                self.metrics
+                    .pending
+                    .set(i64::try_from(info.pending).unwrap_or(i64::MAX));
+            }
+            let Ok(presence) = v1::Presence::decode(message.payload.as_ref()) else {
+                tracing::warn!(subject = %message.subject, "dropping an undecodable presence change");
+                acknowledge(&message, AckKind::Term).await;
+                continue;
+            };
+            match record(&self.pool, &presence).await {
+                Ok(change) => {
+                    pause = FIRST_RETRY;
+                    if let Some(change) = change {
+                        alerts::announce(&self.nats, &change).await;
+                    }
+                    acknowledge(&message, AckKind::Ack).await;
+                }
+                Err(e) => {
+                    self.metrics.failures.inc();
+                    tracing::warn!(error = %e, device = presence.device_id, retry_in = ?pause, "recording presence failed; delivered again later");
+                    acknowledge(&message, AckKind::Nak(Some(pause))).await;
+                    wait(pause, &shutdown).await;
+                    pause = (pause * 2).min(MAX_RETRY);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Answers JetStream for `message`; a lost answer only means the change is delivered again.
+async fn acknowledge(message: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = message.ack_with(kind).await {
+        tracing::debug!(error = %e, "acknowledging a presence change failed; it comes again");
+    }
+}
+
+/// Sleeps `pause`, or until `shutdown`.
+async fn wait(pause: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep(pause) => {}
+        _ = shutdown.cancelled() => {}
+    }
 }

@@ -371,64 +371,91 @@ async fn a_batch_whose_dead_letter_cannot_be_stored_is_handed_back_not_left_to_t
     rig.stop().await;
 }
 
+/// Stores a presence change of building b1's `device` in `LW_PRESENCE`, as a gateway does.
+async fn publish_presence(
+    js: &jetstream::Context,
+    device: &str,
+    state: v1::PresenceState,
+    seconds: i64,
+) {
+    use liftwire_proto::naming::{presence_subject, BuildingId, DeviceId};
+    let message = v1::Presence {
+        device_id: device.into(),
+        building_id: "b1".into(),
+        state: state as i32,
+        at: Some(liftwire_proto::Timestamp { seconds, nanos: 0 }),
+        ..Default::default()
+    };
+    let subject = presence_subject(
+        &BuildingId::new("b1").unwrap(),
+        &DeviceId::new(device).unwrap(),
+    );
+    js.publish(subject, message.encode_to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Every recorded presence: (device, online), by device.
+async fn recorded_presence(pg: &Postgres) -> Vec<(String, bool)> {
+    let pool = pg.pool().await.unwrap();
+    let rows = sqlx::query_as("SELECT device_id, online FROM device_presence ORDER BY device_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows
+}
+
 #[tokio::test]
 async fn presence_changes_during_a_database_outage_are_recorded_once_it_is_back() {
-    use liftwire_proto::naming::{presence_subject, BuildingId, DeviceId};
     let mut rig = Rig::start().await;
-    let client = rig.nats.client().await.unwrap();
-    let building = BuildingId::new("b1").unwrap();
-    let change = |device: &str, state: v1::PresenceState, seconds: i64| {
-        let message = v1::Presence {
-            device_id: device.into(),
-            building_id: "b1".into(),
-            state: state as i32,
-            at: Some(liftwire_proto::Timestamp { seconds, nanos: 0 }),
-            ..Default::default()
-        };
-        (
-            presence_subject(&building, &DeviceId::new(device).unwrap()),
-            message.encode_to_vec(),
-        )
-    };
     let t = 1_795_000_000;
     rig.pg.stop();
-    for (subject, payload) in [
-        change("elev-1", v1::PresenceState::Offline, t),
-        change("elev-1", v1::PresenceState::Online, t + 1),
-        change("elev-2", v1::PresenceState::Offline, t),
-    ] {
-        client.publish(subject, payload.into()).await.unwrap();
-    }
-    client.flush().await.unwrap();
+    publish_presence(&rig.js, "elev-1", v1::PresenceState::Offline, t).await;
+    publish_presence(&rig.js, "elev-1", v1::PresenceState::Online, t + 1).await;
+    publish_presence(&rig.js, "elev-2", v1::PresenceState::Offline, t).await;
     eventually("the outage noticed", || async {
         counter(&rig.ctx, "liftwire_telemetry_presence_record_failures") >= 1
     })
     .await;
     rig.pg.restart().expect("postgres restarts");
 
-    let pool = rig.pg.pool().await.unwrap();
-    let presence = || async {
-        sqlx::query_as::<_, (String, bool)>(
-            "SELECT device_id, online FROM device_presence ORDER BY device_id",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-    };
     eventually("both devices recorded", || async {
-        presence().await.len() == 2
+        recorded_presence(&rig.pg).await.len() == 2
     })
     .await;
-    assert_eq!(
-        presence().await,
-        [("elev-1".to_owned(), true), ("elev-2".to_owned(), false)],
-        "each device's latest change"
-    );
+    eventually("each device's latest change", || async {
+        recorded_presence(&rig.pg).await
+            == [("elev-1".to_owned(), true), ("elev-2".to_owned(), false)]
+    })
+    .await;
     eventually("nothing pending", || async {
         counter(&rig.ctx, "liftwire_telemetry_presence_pending") == 0
     })
     .await;
-    pool.close().await;
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn presence_changes_made_while_no_replica_runs_are_recorded_when_one_starts() {
+    let mut rig = Rig::start().await;
+    rig.stop.cancel();
+    (&mut rig.task).await.unwrap();
+
+    let t = 1_795_000_000;
+    publish_presence(&rig.js, "elev-1", v1::PresenceState::Online, t).await;
+    publish_presence(&rig.js, "elev-2", v1::PresenceState::Online, t).await;
+    publish_presence(&rig.js, "elev-2", v1::PresenceState::Offline, t + 1).await;
+    assert!(recorded_presence(&rig.pg).await.is_empty());
+
+    (rig.ctx, rig.stop, rig.task) = replica(&rig.nats, &rig.pg, IngestConfig::default()).await;
+    eventually("the changes recorded by the new replica", || async {
+        recorded_presence(&rig.pg).await
+            == [("elev-1".to_owned(), true), ("elev-2".to_owned(), false)]
+    })
+    .await;
     rig.stop().await;
 }
 
