@@ -196,7 +196,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     metrics: Metrics,
     uplink_rx: mpsc::Receiver<session::Incoming>,
-    presence_rx: mpsc::Receiver<session::PresenceChange>,
+    presence: Arc<presence::PresenceBoard>,
     links: LinkFactory,
     servers: Vec<Listener>,
     mqtt_addr: SocketAddr,
@@ -333,10 +333,10 @@ impl Service for Gateway {
         }
 
         let (uplink_tx, uplink_rx) = mpsc::channel(config.mqtt.uplink_queue);
-        let (presence_tx, presence_rx) = mpsc::channel(4_096);
+        let presence = Arc::new(presence::PresenceBoard::new(config.gateway_id.clone()));
         let shared = Arc::new(Shared::new(
             uplink_tx,
-            presence_tx,
+            presence.clone(),
             metrics.clone(),
             (
                 config.mqtt.rate_limit_per_second,
@@ -410,7 +410,7 @@ impl Service for Gateway {
             shared,
             metrics,
             uplink_rx,
-            presence_rx,
+            presence,
             links,
             servers,
             mqtt_addr,
@@ -429,7 +429,7 @@ impl Service for Gateway {
             shared,
             metrics,
             uplink_rx,
-            presence_rx,
+            presence,
             links,
             servers,
             mqtt_addr,
@@ -462,10 +462,10 @@ impl Service for Gateway {
             tasks.child_token(),
         ));
         let presence = tokio::spawn(presence::run(
-            presence_rx,
+            presence,
             js.clone(),
             metrics.clone(),
-            presence::PresenceSettings::new(config.gateway_id.clone()),
+            presence::PresenceSettings::default(),
             tasks.child_token(),
         ));
         let drain = tokio::spawn(downlink::drain_link(link_rx, tasks.child_token()));
@@ -572,8 +572,17 @@ impl Service for Gateway {
             listener.abort();
         }
         shared.draining.store(true, Ordering::SeqCst);
+        // A kicked connection closes at its next read, perhaps a keep-alive later: its device
+        // is reported offline now, while the presence publisher still runs.
         for client_id in shared.connected() {
-            shared.kick(&client_id);
+            if let Some(session) = shared.kick(&client_id) {
+                shared.presence(session::PresenceChange {
+                    identity: session.identity,
+                    state: liftwire_proto::v1::PresenceState::Offline,
+                    reason: liftwire_proto::v1::DisconnectReason::GatewayShutdown,
+                    at: std::time::SystemTime::now(),
+                });
+            }
         }
         tasks.cancel();
         // A task that panicked fails the shutdown loudly instead of vanishing.

@@ -50,9 +50,10 @@ pub struct Metrics {
     pub downlink_messages: Family<Kind, Counter>,
     /// Downlink messages refused (bad subject or payload).
     pub downlink_rejects: Family<Reason, Counter>,
-    /// Presence events published.
+    /// Presence changes stored in `LW_PRESENCE`, by state.
     pub presence_events: Family<Kind, Counter>,
-    /// Presence changes JetStream did not store (kept and published again).
+    /// Attempts to store a presence change that JetStream refused or did not answer (the change
+    /// is kept and published again).
     pub presence_failures: Counter,
 }
 
@@ -149,7 +150,7 @@ impl Metrics {
         );
         r.register(
             "presence_failures",
-            "Presence changes JetStream did not store (kept and published again)",
+            "Attempts to store a presence change that failed (the change is kept and published again)",
             m.presence_failures.clone(),
         );
         m

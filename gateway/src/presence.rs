@@ -2,97 +2,153 @@
 //!
 //! Presence drives the device-offline alert, so a change must not be lost because no telemetry
 //! replica was listening or NATS refused it for a moment: it is stored in JetStream, and a change
-//! JetStream did not confirm is kept and published again. Only the latest change per device is
-//! kept (a device that went offline and came back is online, whatever came between), so a long
-//! outage costs one entry per device, and a retried older change can never be stored after a
-//! newer one of the same device.
+//! JetStream did not confirm is kept and published again. Connections post their changes on a
+//! [`PresenceBoard`] that keeps only the latest change per device (a device that went offline and
+//! came back is online, whatever came between): it never overflows, a long outage costs one entry
+//! per device, and an older change of a device is never stored after a newer one. Each change
+//! carries the time it happened, so telemetry orders changes from several gateways correctly.
 
-use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::collections::hash_map::{Entry, HashMap};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use liftwire_proto::naming::presence_subject;
 use liftwire_proto::{v1, Message};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Kind, Metrics};
 use crate::session::PresenceChange;
 
-/// Settings of the presence publisher.
-#[derive(Debug, Clone)]
-pub struct PresenceSettings {
+/// Changes waiting to be stored, the latest per device (by subject).
+type Waiting = HashMap<String, v1::Presence>;
+
+/// Where connections post presence changes for the publisher ([`run`]).
+#[derive(Debug)]
+pub struct PresenceBoard {
     /// This gateway's name in presence events.
-    pub gateway_id: String,
-    /// Changes taken from the queue at once before they are published.
-    pub batch: usize,
+    gateway_id: String,
+    /// Changes not yet handed to the publisher.
+    waiting: Mutex<Waiting>,
+    /// Wakes the publisher when a change is posted.
+    posted: Notify,
+}
+
+impl PresenceBoard {
+    /// An empty board for the gateway `gateway_id`.
+    pub fn new(gateway_id: String) -> Self {
+        Self {
+            gateway_id,
+            waiting: Mutex::new(Waiting::new()),
+            posted: Notify::new(),
+        }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Posts `change`; it replaces any change of the same device still waiting.
+    pub fn post(&self, change: &PresenceChange) {
+        let message = v1::Presence {
+            device_id: change.identity.device.to_string(),
+            building_id: change.identity.building.to_string(),
+            state: change.state as i32,
+            reason: change.reason as i32,
+            at: Some(liftwire_proto::timestamp(change.at)),
+            gateway_id: self.gateway_id.clone(),
+        };
+        let subject = presence_subject(&change.identity.building, &change.identity.device);
+        self.waiting().insert(subject, message);
+        self.posted.notify_one();
+    }
+
+    /// Takes every waiting change.
+    fn take(&self) -> Waiting {
+        std::mem::take(&mut *self.waiting())
+    }
+
+    /// Puts back a change that was not stored, unless a newer one of its device was posted
+    /// meanwhile.
+    fn put_back(&self, subject: String, message: v1::Presence) {
+        if let Entry::Vacant(slot) = self.waiting().entry(subject) {
+            slot.insert(message);
+        }
+    }
+
+    /// Changes waiting.
+    pub fn len(&self) -> usize {
+        self.waiting().len()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.waiting().is_empty()
+    }
+}
+
+/// Settings of the presence publisher.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceSettings {
     /// First pause after JetStream refused a change; it doubles up to `max_backoff`.
     pub first_backoff: Duration,
     /// Longest pause between two attempts.
     pub max_backoff: Duration,
+    /// Longest the last attempt at shutdown may take.
+    pub final_attempt: Duration,
 }
 
-impl PresenceSettings {
-    /// Defaults for the gateway `gateway_id`.
-    pub fn new(gateway_id: String) -> Self {
+impl Default for PresenceSettings {
+    fn default() -> Self {
         Self {
-            gateway_id,
-            batch: 1_024,
             first_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            final_attempt: Duration::from_secs(3),
         }
     }
 }
 
-/// A change waiting to be stored: the message, by subject (one per device).
-type Waiting = HashMap<String, v1::Presence>;
-
-/// Publishes presence changes into JetStream until `shutdown`, then publishes what is left once.
+/// Publishes the changes posted on `board` into JetStream until `shutdown`, then makes one last
+/// attempt (bounded by `final_attempt`) at what is left.
 pub async fn run(
-    mut rx: mpsc::Receiver<PresenceChange>,
+    board: std::sync::Arc<PresenceBoard>,
     js: jetstream::Context,
     metrics: Metrics,
     settings: PresenceSettings,
     shutdown: CancellationToken,
 ) {
-    let mut waiting = Waiting::new();
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut backoff = settings.first_backoff;
     loop {
         tokio::select! {
-            change = rx.recv() => match change {
-                Some(change) => keep(&mut waiting, change, &settings.gateway_id),
-                None => break,
-            },
+            () = board.posted.notified() => {}
             () = sleep_until(retry_at) => retry_at = None,
             _ = shutdown.cancelled() => break,
         }
-        for _ in 1..settings.batch {
-            match rx.try_recv() {
-                Ok(change) => keep(&mut waiting, change, &settings.gateway_id),
-                Err(_) => break,
-            }
-        }
-        if retry_at.is_some() || waiting.is_empty() {
+        if retry_at.is_some() {
             continue;
         }
-        if publish(&js, &mut waiting, &metrics).await {
+        let batch = board.take();
+        if batch.is_empty() {
+            continue;
+        }
+        if publish(&js, batch, &board, &metrics).await {
             backoff = settings.first_backoff;
         } else {
-            tracing::warn!(kept = waiting.len(), retry_in = ?backoff, "JetStream did not store presence changes; kept for a retry");
+            tracing::warn!(kept = board.len(), retry_in = ?backoff, "JetStream did not store presence changes; kept for a retry");
             retry_at = Some(tokio::time::Instant::now() + backoff);
             backoff = (backoff * 2).min(settings.max_backoff);
         }
     }
-    // Draining: the changes of the connections just closed, then one last attempt.
-    while let Ok(change) = rx.try_recv() {
-        keep(&mut waiting, change, &settings.gateway_id);
+    let last = board.take();
+    if last.is_empty() {
+        return;
     }
-    if !waiting.is_empty() && !publish(&js, &mut waiting, &metrics).await {
-        tracing::error!(
-            lost = waiting.len(),
-            "presence changes not stored before shutdown"
-        );
+    let stored =
+        tokio::time::timeout(settings.final_attempt, publish(&js, last, &board, &metrics)).await;
+    if !matches!(stored, Ok(true)) {
+        tracing::error!("presence changes not stored before shutdown");
     }
 }
 
@@ -103,35 +159,24 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Keeps `change` as its device's latest.
-fn keep(waiting: &mut Waiting, change: PresenceChange, gateway_id: &str) {
-    let message = v1::Presence {
-        device_id: change.identity.device.to_string(),
-        building_id: change.identity.building.to_string(),
-        state: change.state as i32,
-        reason: change.reason as i32,
-        at: Some(liftwire_proto::timestamp(SystemTime::now())),
-        gateway_id: gateway_id.to_owned(),
-    };
-    let subject = presence_subject(&change.identity.building, &change.identity.device);
-    waiting.insert(subject, message);
-}
-
-/// Publishes every waiting change and waits for JetStream's answers together; what was not
-/// stored stays in `waiting`. True if everything was stored.
-async fn publish(js: &jetstream::Context, waiting: &mut Waiting, metrics: &Metrics) -> bool {
-    let sent = std::mem::take(waiting)
-        .into_iter()
-        .map(|(subject, message)| {
-            let payload = message.encode_to_vec();
-            async move {
-                let stored = match js.publish(subject.clone(), payload.into()).await {
-                    Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                (subject, message, stored)
-            }
-        });
+/// Publishes `batch` and waits for JetStream's answers together; what was not stored goes back
+/// on the board. True if everything was stored.
+async fn publish(
+    js: &jetstream::Context,
+    batch: Waiting,
+    board: &PresenceBoard,
+    metrics: &Metrics,
+) -> bool {
+    let sent = batch.into_iter().map(|(subject, message)| {
+        let payload = message.encode_to_vec();
+        async move {
+            let stored = match js.publish(subject.clone(), payload.into()).await {
+                Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            (subject, message, stored)
+        }
+    });
     let mut all = true;
     for (subject, message, stored) in futures::future::join_all(sent).await {
         match stored {
@@ -150,9 +195,71 @@ async fn publish(js: &jetstream::Context, waiting: &mut Waiting, metrics: &Metri
                 metrics.presence_failures.inc();
                 tracing::debug!(error = %e, device = %message.device_id, "presence change not stored");
                 all = false;
-                waiting.insert(subject, message);
+                board.put_back(subject, message);
             }
         }
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{DeviceKind, Identity};
+    use liftwire_proto::naming::{BuildingId, DeviceId};
+    use liftwire_proto::v1::{DisconnectReason, PresenceState};
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    fn change(device: &str, state: PresenceState, at: u64) -> PresenceChange {
+        PresenceChange {
+            identity: Arc::new(Identity {
+                device: DeviceId::new(device).unwrap(),
+                building: BuildingId::new("b1").unwrap(),
+                kind: DeviceKind::Elevator,
+            }),
+            state,
+            reason: DisconnectReason::Unspecified,
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(at),
+        }
+    }
+
+    #[test]
+    fn the_board_keeps_each_devices_latest_change_and_never_puts_back_over_a_newer_one() {
+        let board = PresenceBoard::new("gw-1".into());
+        board.post(&change("elev-1", PresenceState::Online, 10));
+        board.post(&change("elev-1", PresenceState::Offline, 11));
+        board.post(&change("elev-2", PresenceState::Online, 12));
+        let mut taken = board.take();
+        assert!(board.is_empty());
+        assert_eq!(taken.len(), 2);
+        let elev1 = taken.remove("lw.v1.presence.b1.elev-1").unwrap();
+        assert_eq!(
+            (
+                elev1.state(),
+                elev1.at.unwrap().seconds,
+                elev1.gateway_id.as_str()
+            ),
+            (PresenceState::Offline, 11, "gw-1"),
+            "the latest change, stamped when it happened"
+        );
+
+        // elev-1 came back while its offline was being published, and the publish failed.
+        board.post(&change("elev-1", PresenceState::Online, 13));
+        board.put_back("lw.v1.presence.b1.elev-1".into(), elev1);
+        let elev2 = taken.remove("lw.v1.presence.b1.elev-2").unwrap();
+        board.put_back("lw.v1.presence.b1.elev-2".into(), elev2);
+        let again = board.take();
+        assert_eq!(again.len(), 2);
+        assert_eq!(
+            again["lw.v1.presence.b1.elev-1"].state(),
+            PresenceState::Online,
+            "the newer change stays"
+        );
+        assert_eq!(
+            again["lw.v1.presence.b1.elev-2"].state(),
+            PresenceState::Online,
+            "a failed change with nothing newer is kept"
+        );
+    }
 }

@@ -14,7 +14,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use liftwire_proto::v1::{DisconnectReason, PresenceState};
@@ -170,7 +170,9 @@ impl<P> Drop for Guard<P> {
             if replaced {
                 return;
             }
-            let reason = if session.kicked.load(Ordering::SeqCst) {
+            let reason = if self.shared.draining.load(Ordering::SeqCst) {
+                DisconnectReason::GatewayShutdown
+            } else if session.kicked.load(Ordering::SeqCst) {
                 DisconnectReason::Kicked
             } else if conn.graceful {
                 DisconnectReason::Graceful
@@ -181,6 +183,7 @@ impl<P> Drop for Guard<P> {
                 identity: session.identity.clone(),
                 state: PresenceState::Offline,
                 reason,
+                at: SystemTime::now(),
             });
         }
     }
@@ -316,6 +319,7 @@ impl<P: Protocol> Protocol for Guard<P> {
                                 identity: session.identity.clone(),
                                 state: PresenceState::Online,
                                 reason: DisconnectReason::Unspecified,
+                                at: SystemTime::now(),
                             });
                             conn.session = Some(session);
                         }

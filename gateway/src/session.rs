@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use liftwire_proto::naming::Uplink;
@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::acl::Identity;
 use crate::metrics::Metrics;
+use crate::presence::PresenceBoard;
 
 /// An authenticated connection's handle.
 #[derive(Debug, Clone)]
@@ -51,6 +52,8 @@ pub struct PresenceChange {
     pub state: PresenceState,
     /// Why it went offline.
     pub reason: DisconnectReason,
+    /// When it happened (not when it is published: telemetry orders changes by this time).
+    pub at: SystemTime,
 }
 
 /// A newer connection of the same device is already authenticated.
@@ -72,7 +75,7 @@ pub struct Shared {
     /// To the uplink bridge.
     pub uplink: mpsc::Sender<Incoming>,
     /// To the presence publisher.
-    pub presence: mpsc::Sender<PresenceChange>,
+    pub presence: Arc<PresenceBoard>,
     /// Metrics.
     pub metrics: Metrics,
     /// Per-device uplink rate limit (messages per second) and burst.
@@ -85,7 +88,7 @@ impl Shared {
     /// New shared state.
     pub fn new(
         uplink: mpsc::Sender<Incoming>,
-        presence: mpsc::Sender<PresenceChange>,
+        presence: Arc<PresenceBoard>,
         metrics: Metrics,
         rate_limit: (f64, f64),
     ) -> Self {
@@ -159,14 +162,9 @@ impl Shared {
         self.sessions().keys().cloned().collect()
     }
 
-    /// Reports a presence change (dropped and counted if the publisher is saturated).
+    /// Reports a presence change to the presence publisher.
     pub fn presence(&self, change: PresenceChange) {
-        if self.presence.try_send(change).is_err() {
-            self.metrics
-                .presence_events
-                .get_or_create(&crate::metrics::Kind { kind: "dropped" })
-                .inc();
-        }
+        self.presence.post(&change);
     }
 }
 
@@ -178,10 +176,9 @@ mod tests {
 
     fn shared() -> Shared {
         let (uplink, _) = mpsc::channel(1);
-        let (presence, _) = mpsc::channel(1);
         Shared::new(
             uplink,
-            presence,
+            Arc::new(PresenceBoard::new("gw-test".into())),
             Metrics::register(&mut prometheus_client::registry::Registry::default()),
             (1.0, 1.0),
         )

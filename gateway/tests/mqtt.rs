@@ -1049,6 +1049,38 @@ async fn presence_changes_jetstream_refused_are_kept_and_stored_once_it_is_back(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_gateway_stores_its_devices_offline_at_once() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let js = jetstream::new(nats.client().await.unwrap());
+    // Connected and silent: its connection would only notice a kick at its next packet.
+    let _device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    gw.stop().await;
+
+    let stored = stream_messages(&js, PRESENCE_STREAM.name, 2).await;
+    let states: Vec<_> = stored
+        .iter()
+        .map(|m| {
+            let presence = v1::Presence::decode(m.payload.as_ref()).unwrap();
+            (presence.state(), presence.reason())
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (v1::PresenceState::Online, v1::DisconnectReason::Unspecified),
+            (
+                v1::PresenceState::Offline,
+                v1::DisconnectReason::GatewayShutdown
+            )
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_device_sending_garbage_while_dead_letters_go_unanswered_holds_up_nobody_else() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;
