@@ -53,15 +53,16 @@ pub struct EdgeLimits {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; more connections wait to be served.
     pub max_pending_handshakes: usize,
-    /// Largest WebSocket message (and frame) taken after the handshake: the largest MQTT packet
-    /// the broker accepts ([`EdgeLimits::websocket_message_bytes`]). A larger one closes the
-    /// connection before it is buffered.
+    /// Largest WebSocket message (and frame) taken from a client
+    /// ([`EdgeLimits::websocket_message_bytes`]). A larger one closes the connection before it
+    /// is buffered.
     pub max_websocket_message_bytes: usize,
 }
 
 impl EdgeLimits {
-    /// The WebSocket message limit for a broker taking payloads of up to `max_payload_bytes`:
-    /// the payload plus room for the packet's topic (at most 64 KiB) and properties.
+    /// The WebSocket message limit for a broker taking packets of up to `max_payload_bytes`: that
+    /// plus 64 KiB of slack, for a client that packs a few small packets (acknowledgements,
+    /// pings) into the same message as a large one.
     pub fn websocket_message_bytes(max_payload_bytes: usize) -> usize {
         max_payload_bytes.saturating_add(MAX_CONNECT_BYTES)
     }
@@ -392,7 +393,12 @@ pub async fn serve_websocket(
                     Some(Ok(WsMessage::Binary(data))) => first.extend_from_slice(&data),
                     Some(Ok(WsMessage::Close(_))) | None => return Err("closed"),
                     Some(Ok(_)) => {}
-                    Some(Err(_)) => return Err("io"),
+                    Some(Err(e)) => {
+                        return Err(match WebSocketEnd::from(e) {
+                            WebSocketEnd::MessageTooLarge => "websocket_message_too_large",
+                            _ => "io",
+                        })
+                    }
                 },
                 Err(NotConnect) => return Err("not_mqtt"),
             }
