@@ -65,7 +65,10 @@ pub async fn record(
 pub struct PresenceMetrics {
     /// Attempts to record a change that failed (the change is delivered again).
     failures: Counter,
-    /// Changes in `LW_PRESENCE` not yet delivered to this service.
+    /// Changes that can never be recorded (their data is refused by PostgreSQL), dropped.
+    rejected: Counter,
+    /// Changes in `LW_PRESENCE` not yet recorded: waiting for delivery, or delivered and not yet
+    /// acknowledged (by any replica).
     pending: Gauge,
 }
 
@@ -77,12 +80,17 @@ impl PresenceMetrics {
         let registry = registry.sub_registry_with_prefix("telemetry_presence");
         registry.register(
             "record_failures",
-            "Presence changes that could not be recorded yet (delivered again)",
+            "Attempts to record a presence change that failed (the change is delivered again)",
             metrics.failures.clone(),
         );
         registry.register(
+            "rejected",
+            "Presence changes whose data PostgreSQL refuses, dropped",
+            metrics.rejected.clone(),
+        );
+        registry.register(
             "pending",
-            "Presence changes in LW_PRESENCE not yet delivered to the telemetry service",
+            "Presence changes in LW_PRESENCE not yet recorded by any replica",
             metrics.pending.clone(),
         );
         metrics
@@ -91,19 +99,26 @@ impl PresenceMetrics {
 
 /// Name of the durable consumer every replica shares.
 pub const CONSUMER: &str = "telemetry-presence";
-/// First pause after presence could not be recorded; it doubles up to [`MAX_RETRY`].
+/// First pause after presence could not be recorded or pulled; it doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(100);
-/// Longest pause between two attempts to record presence.
+/// Longest pause between two attempts to record or pull presence.
 const MAX_RETRY: Duration = Duration::from_secs(5);
 /// How long a delivered change may stay unacknowledged before it is delivered again (a replica
 /// that died holding it).
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// Idle heartbeat of the pull subscription, so a lost NATS connection is noticed.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Changes a replica holds at once: few, since each waits for the one before it, and a change
+/// held longer than [`ACK_WAIT`] (during a database outage) is delivered again.
+const PULL_BATCH: usize = 10;
+/// How often the pending gauge is refreshed from the consumer.
+const CENSUS_EVERY: Duration = Duration::from_secs(1);
 
 /// Records presence changes from `LW_PRESENCE`.
 pub struct Presence {
     nats: async_nats::Client,
+    js: jetstream::Context,
+    nats_config: NatsConfig,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     pool: sqlx::PgPool,
     metrics: PresenceMetrics,
@@ -118,23 +133,11 @@ impl Presence {
         ctx: &BuildContext,
     ) -> Result<Self, BoxError> {
         let js = jetstream::new(nats.clone());
-        let stream = ensure_stream(&js, &PRESENCE_STREAM, nats_config).await?;
-        let consumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                pull::Config {
-                    durable_name: Some(CONSUMER.into()),
-                    description: Some(
-                        "telemetry service presence (shared by every replica)".into(),
-                    ),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
-                    ..Default::default()
-                },
-            )
-            .await?;
+        let consumer = declare(&js, nats_config).await?;
         Ok(Self {
             nats,
+            js,
+            nats_config: nats_config.clone(),
             consumer,
             pool,
             metrics: PresenceMetrics::register(ctx),
@@ -146,24 +149,30 @@ impl Presence {
     /// A change is acknowledged once recorded. One that cannot be recorded (the database is
     /// down) is handed back to JetStream to be delivered again after a pause, and the next one
     /// waits for that pause too: a long outage costs one attempt per pause, not one per change,
-    /// and loses nothing, whichever replica records it in the end. Changes are applied by their
-    /// time, so one delivered late never overwrites a newer one.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
+    /// and loses nothing, whichever replica records it in the end. A change whose data
+    /// PostgreSQL refuses is dropped and counted. Changes are applied by their time, so one
+    /// delivered late never overwrites a newer one. When pulling fails, the stream and the
+    /// consumer are declared again (they may have been deleted) after a pause.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), BoxError> {
         let mut pause = FIRST_RETRY;
         let mut pulling: Option<pull::Stream> = None;
+        let mut broken = false;
+        let mut census = tokio::time::interval(CENSUS_EVERY);
+        census.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !shutdown.is_cancelled() {
             let messages = match pulling.as_mut() {
                 Some(messages) => messages,
                 None => {
                     let opened = tokio::select! {
-                        opened = self.consumer.stream().heartbeat(PULL_HEARTBEAT).messages() => opened,
+                        opened = self.open(broken) => opened,
                         _ = shutdown.cancelled() => break,
                     };
                     match opened {
                         Ok(messages) => pulling.insert(messages),
                         Err(e) => {
-                            tracing::warn!(error = %e, "pulling presence from JetStream failed; retrying");
-                            wait(pause, &shutdown).await;
+                            tracing::warn!(error = %e, retry_in = ?pause, "pulling presence from JetStream failed");
+                            broken = true;
+                            wait(&mut pause, &shutdown).await;
                             continue;
                         }
                     }
@@ -171,14 +180,19 @@ impl Presence {
             };
             let message = tokio::select! {
                 message = messages.next() => message,
+                _ = census.tick() => {
+                    self.count_pending().await;
+                    continue;
+                }
                 _ = shutdown.cancelled() => break,
             };
             let message = match message {
                 Some(Ok(message)) => message,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pulling presence from JetStream failed; retrying");
+                    tracing::warn!(error = %e, retry_in = ?pause, "pulling presence from JetStream failed");
                     pulling = None;
-                    wait(pause, &shutdown).await;
+                    broken = true;
+                    wait(&mut pause, &shutdown).await;
                     continue;
                 }
                 None => {
@@ -186,12 +200,9 @@ impl Presence {
                     continue;
                 }
             };
-            if let Ok(info) = message.info() {
-                self.metrics
-                    .pending
-                    .set(i64::try_from(info.pending).unwrap_or(i64::MAX));
-            }
+            broken = false;
             let Ok(presence) = v1::Presence::decode(message.payload.as_ref()) else {
+                self.metrics.rejected.inc();
                 tracing::warn!(subject = %message.subject, "dropping an undecodable presence change");
                 acknowledge(&message, AckKind::Term).await;
                 continue;
@@ -204,16 +215,79 @@ impl Presence {
                     }
                     acknowledge(&message, AckKind::Ack).await;
                 }
+                Err(e) if refused_data(&e) => {
+                    self.metrics.rejected.inc();
+                    tracing::warn!(error = %e, device = presence.device_id, "dropping a presence change PostgreSQL refuses");
+                    acknowledge(&message, AckKind::Term).await;
+                }
                 Err(e) => {
                     self.metrics.failures.inc();
                     tracing::warn!(error = %e, device = presence.device_id, retry_in = ?pause, "recording presence failed; delivered again later");
                     acknowledge(&message, AckKind::Nak(Some(pause))).await;
-                    wait(pause, &shutdown).await;
-                    pause = (pause * 2).min(MAX_RETRY);
+                    wait(&mut pause, &shutdown).await;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Opens the pull subscription, declaring the stream and the consumer first when the last
+    /// pull failed.
+    async fn open(&mut self, declare_first: bool) -> Result<pull::Stream, BoxError> {
+        if declare_first {
+            self.consumer = declare(&self.js, &self.nats_config).await?;
+        }
+        Ok(self
+            .consumer
+            .stream()
+            .max_messages_per_batch(PULL_BATCH)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await?)
+    }
+
+    /// Refreshes the pending gauge from the consumer's state on the server.
+    async fn count_pending(&self) {
+        match self.consumer.get_info().await {
+            Ok(info) => {
+                let pending = info.num_pending.saturating_add(info.num_ack_pending as u64);
+                self.metrics
+                    .pending
+                    .set(i64::try_from(pending).unwrap_or(i64::MAX));
+            }
+            Err(e) => tracing::debug!(error = %e, "reading the presence consumer failed"),
+        }
+    }
+}
+
+/// Declares `LW_PRESENCE` and the durable consumer.
+async fn declare(
+    js: &jetstream::Context,
+    nats_config: &NatsConfig,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BoxError> {
+    let stream = ensure_stream(js, &PRESENCE_STREAM, nats_config).await?;
+    Ok(stream
+        .get_or_create_consumer(
+            CONSUMER,
+            pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                description: Some("telemetry service presence (shared by every replica)".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                ..Default::default()
+            },
+        )
+        .await?)
+}
+
+/// True when PostgreSQL refuses the change's data itself (data exception or integrity
+/// violation): recording it again can never succeed.
+fn refused_data(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        _ => false,
     }
 }
 
@@ -224,10 +298,11 @@ async fn acknowledge(message: &jetstream::Message, kind: AckKind) {
     }
 }
 
-/// Sleeps `pause`, or until `shutdown`.
-async fn wait(pause: Duration, shutdown: &CancellationToken) {
+/// Sleeps `pause` (or until `shutdown`), then doubles it up to [`MAX_RETRY`].
+async fn wait(pause: &mut Duration, shutdown: &CancellationToken) {
     tokio::select! {
-        () = tokio::time::sleep(pause) => {}
+        () = tokio::time::sleep(*pause) => {}
         _ = shutdown.cancelled() => {}
     }
+    *pause = (*pause * 2).min(MAX_RETRY);
 }

@@ -420,6 +420,10 @@ async fn presence_changes_during_a_database_outage_are_recorded_once_it_is_back(
         counter(&rig.ctx, "liftwire_telemetry_presence_record_failures") >= 1
     })
     .await;
+    eventually("the waiting changes counted", || async {
+        counter(&rig.ctx, "liftwire_telemetry_presence_pending") == 3
+    })
+    .await;
     rig.pg.restart().expect("postgres restarts");
 
     eventually("both devices recorded", || async {
@@ -433,6 +437,71 @@ async fn presence_changes_during_a_database_outage_are_recorded_once_it_is_back(
     .await;
     eventually("nothing pending", || async {
         counter(&rig.ctx, "liftwire_telemetry_presence_pending") == 0
+    })
+    .await;
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_presence_change_postgres_refuses_is_dropped_and_counted_not_retried_for_ever() {
+    let rig = Rig::start().await;
+    // A NUL in a text column: PostgreSQL refuses it however often it is tried.
+    let bad = v1::Presence {
+        device_id: "elev\0bad".into(),
+        building_id: "b1".into(),
+        state: v1::PresenceState::Online as i32,
+        ..Default::default()
+    };
+    rig.js
+        .publish("lw.v1.presence.b1.elev-bad", bad.encode_to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    publish_presence(&rig.js, "elev-1", v1::PresenceState::Online, 1_795_000_000).await;
+    eventually("the good change recorded", || async {
+        recorded_presence(&rig.pg).await == [("elev-1".to_owned(), true)]
+    })
+    .await;
+    eventually("the bad one dropped, and nothing left", || async {
+        counter(&rig.ctx, "liftwire_telemetry_presence_rejected") == 1
+            && counter(&rig.ctx, "liftwire_telemetry_presence_pending") == 0
+    })
+    .await;
+    assert_eq!(
+        counter(&rig.ctx, "liftwire_telemetry_presence_record_failures"),
+        0
+    );
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn presence_is_followed_again_after_its_stream_is_deleted_and_declared_again() {
+    let rig = Rig::start().await;
+    publish_presence(&rig.js, "elev-1", v1::PresenceState::Online, 1_795_000_000).await;
+    eventually("recorded", || async {
+        recorded_presence(&rig.pg).await.len() == 1
+    })
+    .await;
+    // An operator wipes the stream; a gateway (or this replica) declares it again.
+    rig.js
+        .delete_stream(liftwire_proto::naming::PRESENCE_STREAM.name)
+        .await
+        .unwrap();
+    let config = NatsConfig {
+        url: rig.nats.url(),
+        ..Default::default()
+    };
+    liftwire_runtime::nats::ensure_stream(
+        &rig.js,
+        &liftwire_proto::naming::PRESENCE_STREAM,
+        &config,
+    )
+    .await
+    .unwrap();
+    publish_presence(&rig.js, "elev-2", v1::PresenceState::Online, 1_795_000_001).await;
+    eventually("the change after the wipe recorded", || async {
+        recorded_presence(&rig.pg).await.len() == 2
     })
     .await;
     rig.stop().await;
@@ -796,15 +865,21 @@ async fn time_based_alerts_open_and_resolve_with_presence_service_and_self_tests
         }
     };
 
-    // Presence is plain NATS: repeat it until the service, starting up, has subscribed.
+    let store_presence = |state: v1::PresenceState| {
+        let js = js.clone();
+        let subject = presence_subject(&building, &device);
+        let payload = presence(state).encode_to_vec();
+        async move {
+            js.publish(subject, payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+
+    store_presence(v1::PresenceState::Offline).await;
     eventually("the offline device recorded", || async {
-        client
-            .publish(
-                presence_subject(&building, &device),
-                presence(v1::PresenceState::Offline).encode_to_vec().into(),
-            )
-            .await
-            .unwrap();
         sqlx::query_scalar::<_, bool>("SELECT NOT online FROM device_presence")
             .fetch_optional(&pool)
             .await
@@ -831,13 +906,7 @@ async fn time_based_alerts_open_and_resolve_with_presence_service_and_self_tests
     })
     .await;
 
-    client
-        .publish(
-            presence_subject(&building, &device),
-            presence(v1::PresenceState::Online).encode_to_vec().into(),
-        )
-        .await
-        .unwrap();
+    store_presence(v1::PresenceState::Online).await;
     send(
         2,
         v1::event::Kind::FaultCleared(v1::FaultCleared {
