@@ -1058,6 +1058,8 @@ async fn a_stopping_gateway_stores_its_devices_offline_at_once() {
     let _device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
         .connected()
         .await;
+    // Its online stored first (a change still waiting would just be replaced by the offline).
+    assert_eq!(stream_messages(&js, PRESENCE_STREAM.name, 1).await.len(), 1);
     gw.stop().await;
 
     let stored = stream_messages(&js, PRESENCE_STREAM.name, 2).await;
@@ -1199,24 +1201,21 @@ async fn a_reconnecting_device_replaces_its_previous_connection() {
         1,
         "the new connection publishes"
     );
-    // Presence: online, online; the replaced connection does not report the device offline.
-    for _ in 0..2 {
-        let p = v1::Presence::decode(
-            tokio::time::timeout(WAIT, presence.next())
-                .await
+    // Presence: online (once or twice: a change not yet published is replaced by the next one);
+    // the replaced connection never reports the device offline.
+    let mut states = Vec::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), presence.next()).await
+    {
+        states.push(
+            v1::Presence::decode(message.payload.as_ref())
                 .unwrap()
-                .unwrap()
-                .payload
-                .as_ref(),
-        )
-        .unwrap();
-        assert_eq!(p.state(), v1::PresenceState::Online);
+                .state(),
+        );
     }
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), presence.next())
-            .await
-            .is_err(),
-        "no offline event"
+        !states.is_empty() && states.iter().all(|s| *s == v1::PresenceState::Online),
+        "online, and no offline event: {states:?}"
     );
     assert!(gw.metrics().contains("liftwire_gateway_connections 1"));
     gw.stop().await;
