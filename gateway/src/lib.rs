@@ -132,9 +132,13 @@ pub struct MqttConfig {
     pub uplink_queue: usize,
     /// JetStream publishes awaiting acknowledgement at once.
     pub max_in_flight: usize,
-    /// Router commit-log segment size (bounds broker memory per subscription filter).
+    /// Router commit-log segment size. The broker keeps the downlink of each subscribed device
+    /// in a log of at most `segment_count` segments (a segment goes over by at most one message),
+    /// read or not, and drops it when the device leaves: this bounds its memory per connected
+    /// device. A device that falls further behind skips the oldest messages (a watermark is
+    /// superseded by the next; retained content comes again on reconnect).
     pub segment_bytes: usize,
-    /// Router commit-log segments kept.
+    /// Router commit-log segments kept per subscribed filter.
     pub segment_count: usize,
 }
 
@@ -157,7 +161,7 @@ impl Default for MqttConfig {
             rate_limit_burst: 500.0,
             uplink_queue: 20_000,
             max_in_flight: 2_048,
-            segment_bytes: 4 * 1024 * 1024,
+            segment_bytes: 64 * 1024,
             segment_count: 4,
         }
     }

@@ -22,6 +22,8 @@ pub use link::alerts;
 pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
+/// liftwire patch: exported so that the gateway's tests can drive a router (meters, disconnects).
+pub use router::Event;
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
 

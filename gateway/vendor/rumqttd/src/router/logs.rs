@@ -101,6 +101,18 @@ impl DataLog {
             .map(|data| &data.waiters)
     }
 
+    /// liftwire patch: forgets the data of `filter`, which nobody subscribes to any more. A new
+    /// subscriber starts at the end of the log, so the data could only ever cost memory.
+    pub fn clear(&mut self, filter: &str) {
+        if let Some(data) = self
+            .filter_indexes
+            .get(filter)
+            .and_then(|idx| self.native.get_mut(*idx))
+        {
+            data.log.clear();
+        }
+    }
+
     pub fn remove_waiters_for_id(
         &mut self,
         id: ConnectionId,
@@ -349,6 +361,11 @@ where
 
     /// Writes to all the filters that are mapped to this publish topic
     /// and wakes up consumers that are matching this topic (if they exist)
+    /// liftwire patch: the filter this data is kept for.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
     pub fn append(
         &mut self,
         item: T,

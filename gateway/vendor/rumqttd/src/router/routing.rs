@@ -478,6 +478,10 @@ impl Router {
         for filter in connection.subscriptions.iter() {
             if let Some(connections) = self.subscription_map.get_mut(filter) {
                 connections.remove(&id);
+                // liftwire patch: the last subscriber is gone, so is the filter's data.
+                if connections.is_empty() {
+                    self.datalog.clear(filter);
+                }
             }
         }
 
@@ -613,6 +617,7 @@ impl Router {
                         publish.clone(),
                         properties,
                         &mut self.datalog,
+                        &self.subscription_map,
                         &mut self.notifications,
                         &mut self.connections,
                     ) {
@@ -720,6 +725,10 @@ impl Router {
                             if !removed {
                                 continue;
                             }
+                            // liftwire patch: the last subscriber is gone, so is the filter's data.
+                            if connection_ids.is_empty() {
+                                self.datalog.clear(filter);
+                            }
 
                             let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
                             meter.unregister_subscription(filter);
@@ -824,6 +833,7 @@ impl Router {
                         publish,
                         props,
                         &mut self.datalog,
+                        &self.subscription_map,
                         &mut self.notifications,
                         &mut self.connections,
                     ) {
@@ -1189,6 +1199,7 @@ fn append_to_commitlog(
     mut publish: Publish,
     mut properties: Option<PublishProperties>,
     datalog: &mut DataLog,
+    subscriptions: &HashMap<Filter, HashSet<ConnectionId>>,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
 ) -> Result<Offset, RouterError> {
@@ -1253,6 +1264,15 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        // liftwire patch: a filter nobody subscribes to any more (a device that left) would keep
+        // every message for it, up to its segment limits, for no reader; retained messages are
+        // kept above, apart from the logs.
+        if !subscriptions
+            .get(datalog.filter())
+            .is_some_and(|connections| !connections.is_empty())
+        {
+            continue;
+        }
         let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(

@@ -143,6 +143,18 @@ where
         (self.tail, absolute_offset)
     }
 
+    /// liftwire patch: drops every entry and keeps the offsets going, exactly as retention drops
+    /// old segments (a reader behind the head is handled the same way).
+    pub fn clear(&mut self) {
+        let absolute_offset = self.active_segment().next_offset();
+        self.segments.push_back(Segment::with_offset(absolute_offset));
+        self.tail += 1;
+        while self.segments.len() > 1 {
+            self.segments.pop_front();
+            self.head += 1;
+        }
+    }
+
     fn apply_retention(&mut self) {
         if self.active_segment().size() >= self.max_segment_size as u64 {
             // Read absolute_offset before applying memory retention, in case there is only 1
