@@ -24,7 +24,6 @@ pub mod session;
 pub mod uplink;
 pub mod uploads;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -120,7 +119,8 @@ pub struct MqttConfig {
     /// How long a registry lookup is trusted (a revoked or rotated device is refused after this).
     #[serde(with = "humantime_serde")]
     pub registry_cache_ttl: Duration,
-    /// How often the registry is polled for revocations (revoked devices are disconnected).
+    /// How often sessions are checked against the registry (revoked devices, and those whose
+    /// secret was rotated since they logged in, are disconnected).
     #[serde(with = "humantime_serde")]
     pub revocation_poll: Duration,
     /// Sustained uplink messages per second per device; more are dropped and counted.
@@ -279,7 +279,7 @@ fn server_settings(
         async move {
             let client_id = protocol::device_of(&broker_id).to_owned();
             match registry.authenticate(&client_id, &username, &password).await {
-                Ok(identity) => match shared.authenticated(identity, broker_id) {
+                Ok(login) => match shared.authenticated(login, broker_id) {
                     Ok(previous) => {
                         if let Some(previous) = previous {
                             // One connection per device: the new one replaces the old at once.
@@ -646,8 +646,10 @@ async fn wait_listening(addr: SocketAddr) -> Result<(), BoxError> {
     }
 }
 
-/// Polls the registry for rotated and revoked devices: forgets their cached credentials and
-/// disconnects revoked ones at once (by taking over their client id in the broker).
+/// Keeps the sessions honest against the registry until `shutdown`. Every `every`: forgets the
+/// cached lookups of devices changed recently (so a rotated secret stops working here too), then
+/// disconnects every device whose session is stale: revoked, removed, or logged in with
+/// credentials since rotated (by taking over its client id in the broker).
 async fn watch_revocations(
     registry: Arc<Registry>,
     shared: Arc<Shared>,
@@ -655,32 +657,39 @@ async fn watch_revocations(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut since = Utc::now() - chrono::Duration::seconds(1);
+    // Changes are read again for a while: one committed late can carry an earlier time.
+    const OVERLAP: chrono::Duration = chrono::Duration::seconds(60);
+    let mut since = Utc::now() - OVERLAP;
     let mut tick = tokio::time::interval(every);
-    let mut kicked: HashMap<String, chrono::DateTime<Utc>> = HashMap::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => break,
         }
-        let changes = match registry.changes_since(since).await {
-            Ok(changes) => changes,
+        match registry.changes_since(since - OVERLAP).await {
+            Ok(changes) => {
+                for change in changes {
+                    since = since.max(change.updated_at);
+                    registry.forget(&change.device_id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "polling the device registry failed"),
+        }
+        let sessions = shared.credentials();
+        if sessions.is_empty() {
+            continue;
+        }
+        let stale = match registry.stale_sessions(&sessions).await {
+            Ok(stale) => stale,
             Err(e) => {
-                tracing::warn!(error = %e, "polling the device registry failed");
+                tracing::warn!(error = %e, "checking sessions against the device registry failed");
                 continue;
             }
         };
-        for change in changes {
-            since = since.max(change.updated_at);
-            registry.forget(&change.device_id);
-            if !change.revoked
-                || kicked.insert(change.device_id.clone(), change.updated_at)
-                    == Some(change.updated_at)
-            {
-                continue;
-            }
-            if let Some(session) = shared.kick(&change.device_id) {
-                tracing::warn!(device = %change.device_id, "device revoked: disconnecting it");
+        for (device, credentials) in stale {
+            registry.forget(&device);
+            if let Some(session) = shared.kick_stale(&device, credentials) {
+                tracing::warn!(%device, "device revoked or its secret rotated: disconnecting it");
                 takeover(&links, session.broker_id).await;
             }
         }

@@ -75,6 +75,22 @@ struct Entry {
     identity: Identity,
     secret_sha256: [u8; 32],
     revoked: bool,
+    credentials: DateTime<Utc>,
+}
+
+/// A device row as the lookup reads it: building, kind, secret digest, revoked, credentials
+/// version.
+type DeviceRow = (String, String, Vec<u8>, bool, DateTime<Utc>);
+
+/// A successful login.
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// Who logged in.
+    pub identity: Identity,
+    /// Version of the credentials it logged in with (the device row's `updated_at`, set by the
+    /// database on every provision, rotation and revocation): a session whose version is no
+    /// longer the registry's is closed ([`Registry::stale_sessions`]).
+    pub credentials: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone)]
@@ -225,7 +241,7 @@ impl Registry {
         client_id: &str,
         username: &str,
         password: &str,
-    ) -> Result<Identity, AuthFailure> {
+    ) -> Result<Login, AuthFailure> {
         DeviceId::new(client_id).map_err(|_| AuthFailure::InvalidClientId)?;
         if username != client_id {
             return Err(AuthFailure::UsernameMismatch);
@@ -240,7 +256,35 @@ impl Registry {
         if !same_digest(&digest(password), &entry.secret_sha256) {
             return Err(AuthFailure::BadSecret);
         }
-        Ok(entry.identity)
+        Ok(Login {
+            identity: entry.identity,
+            credentials: entry.credentials,
+        })
+    }
+
+    /// Of `sessions` (device id, credentials version at login), the devices whose session must
+    /// end: revoked, gone from the registry, or with other credentials than they logged in with
+    /// (rotated since). A state check rather than a change feed, so a change committed late, or
+    /// a login that read the registry just before a change, is caught at the next check.
+    pub async fn stale_sessions(
+        &self,
+        sessions: &[(String, DateTime<Utc>)],
+    ) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+        let (devices, versions): (Vec<&str>, Vec<DateTime<Utc>>) = sessions
+            .iter()
+            .map(|(device, version)| (device.as_str(), *version))
+            .unzip();
+        sqlx::query_as(
+            "SELECT s.device_id, s.credentials
+               FROM UNNEST($1::text[], $2::timestamptz[]) AS s(device_id, credentials)
+               LEFT JOIN devices d ON d.device_id = s.device_id
+              WHERE d.device_id IS NULL OR d.revoked_at IS NOT NULL
+                 OR d.updated_at <> s.credentials",
+        )
+        .bind(devices)
+        .bind(versions)
+        .fetch_all(&self.pool)
+        .await
     }
 
     async fn lookup(&self, device_id: &str) -> Result<Option<Entry>, AuthFailure> {
@@ -260,8 +304,8 @@ impl Registry {
                 }
             }
         }
-        let row: Option<(String, String, Vec<u8>, bool)> = sqlx::query_as(
-            "SELECT building_id, kind, secret_sha256, revoked_at IS NOT NULL FROM devices WHERE device_id = $1",
+        let row: Option<DeviceRow> = sqlx::query_as(
+            "SELECT building_id, kind, secret_sha256, revoked_at IS NOT NULL, updated_at FROM devices WHERE device_id = $1",
         )
         .bind(device_id)
         .fetch_optional(&self.pool)
@@ -272,7 +316,7 @@ impl Registry {
         })?;
         let entry = match row {
             None => None,
-            Some((building, kind, secret, revoked)) => {
+            Some((building, kind, secret, revoked, credentials)) => {
                 let identity = Identity {
                     device: DeviceId::new(device_id).map_err(|_| AuthFailure::InvalidClientId)?,
                     building: BuildingId::new(building).map_err(|_| AuthFailure::Unavailable)?,
@@ -284,6 +328,7 @@ impl Registry {
                     identity,
                     secret_sha256,
                     revoked,
+                    credentials,
                 })
             }
         };

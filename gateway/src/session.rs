@@ -14,6 +14,8 @@ use tokio::sync::mpsc;
 use crate::acl::Identity;
 use crate::metrics::Metrics;
 use crate::presence::PresenceBoard;
+use crate::registry::Login;
+use chrono::{DateTime, Utc};
 
 /// An authenticated connection's handle.
 #[derive(Debug, Clone)]
@@ -24,6 +26,8 @@ pub struct Session {
     pub broker_id: String,
     /// Set to close the connection (revocation, shutdown).
     pub kicked: Arc<AtomicBool>,
+    /// Version of the credentials the device logged in with ([`crate::registry::Login`]).
+    pub credentials: DateTime<Utc>,
 }
 
 /// A device message accepted by the access rules, on its way to JetStream.
@@ -112,9 +116,13 @@ impl Shared {
     /// when a newer connection of the device is already in place and this one must be refused.
     pub fn authenticated(
         &self,
-        identity: Identity,
+        login: Login,
         broker_id: String,
     ) -> Result<Option<Session>, Superseded> {
+        let Login {
+            identity,
+            credentials,
+        } = login;
         let mut sessions = self.sessions();
         let device = identity.device.to_string();
         if let Some(current) = sessions.get(&device) {
@@ -126,6 +134,7 @@ impl Shared {
             identity: Arc::new(identity),
             broker_id,
             kicked: Arc::new(AtomicBool::new(false)),
+            credentials,
         };
         let previous = sessions.insert(device, session);
         if let Some(previous) = &previous {
@@ -162,6 +171,26 @@ impl Shared {
         self.sessions().keys().cloned().collect()
     }
 
+    /// Devices connected here, with the version of the credentials each logged in with.
+    pub fn credentials(&self) -> Vec<(String, DateTime<Utc>)> {
+        self.sessions()
+            .iter()
+            .map(|(device, session)| (device.clone(), session.credentials))
+            .collect()
+    }
+
+    /// Like [`Shared::kick`], if `client_id` is still connected with the `credentials` version
+    /// (not since replaced by a login with newer ones).
+    pub fn kick_stale(&self, client_id: &str, credentials: DateTime<Utc>) -> Option<Session> {
+        let mut sessions = self.sessions();
+        if sessions.get(client_id)?.credentials != credentials {
+            return None;
+        }
+        let session = sessions.remove(client_id)?;
+        session.kicked.store(true, Ordering::SeqCst);
+        Some(session)
+    }
+
     /// Reports a presence change to the presence publisher.
     pub fn presence(&self, change: PresenceChange) {
         self.presence.post(&change);
@@ -184,6 +213,13 @@ mod tests {
         )
     }
 
+    fn login() -> Login {
+        Login {
+            identity: identity(),
+            credentials: DateTime::UNIX_EPOCH,
+        }
+    }
+
     fn identity() -> Identity {
         Identity {
             device: DeviceId::new("elev-1").unwrap(),
@@ -196,20 +232,20 @@ mod tests {
     fn the_newest_connection_wins_whatever_order_logins_finish_in() {
         let shared = shared();
         assert!(shared
-            .authenticated(identity(), "elev-1~15".into())
+            .authenticated(login(), "elev-1~15".into())
             .unwrap()
             .is_none());
         // The older connection's login finished last: it is refused, the newer one stays.
         assert_eq!(
             shared
-                .authenticated(identity(), "elev-1~14".into())
+                .authenticated(login(), "elev-1~14".into())
                 .unwrap_err(),
             Superseded
         );
         assert_eq!(shared.session("elev-1").unwrap().broker_id, "elev-1~15");
         // A newer connection replaces the current one, which is marked to close.
         let previous = shared
-            .authenticated(identity(), "elev-1~16".into())
+            .authenticated(login(), "elev-1~16".into())
             .unwrap()
             .unwrap();
         assert_eq!(previous.broker_id, "elev-1~15");

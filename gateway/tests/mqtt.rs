@@ -507,6 +507,60 @@ async fn revoked_devices_are_disconnected_and_refused_within_seconds() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn rotating_a_secret_ends_the_sessions_that_logged_in_with_the_old_one() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let leaked = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let other = provision(&gw, "b1", "elev-2", DeviceKind::Elevator).await;
+    // Whoever holds the leaked secret is connected when the operator rotates it.
+    let mut intruder = Device::connect(gw.addr, "elev-1", "elev-1", &leaked)
+        .connected()
+        .await;
+    let _bystander = Device::connect(gw.addr, "elev-2", "elev-2", &other)
+        .connected()
+        .await;
+    let fresh = gw
+        .registry
+        .rotate(&DeviceId::new("elev-1").unwrap())
+        .await
+        .unwrap();
+    intruder.closed().await;
+    let mut again = Device::connect(gw.addr, "elev-1", "elev-1", &leaked);
+    again.closed().await;
+    assert!(gw
+        .metrics()
+        .contains("liftwire_gateway_auth_failures_total{reason=\"bad_secret\"}"));
+
+    // The device with its new secret gets in and stays; the other device was never touched.
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &fresh)
+        .connected()
+        .await;
+    assert!(device.quiet_for(Duration::from_secs(3)).await);
+    assert!(gw.metrics().contains("liftwire_gateway_connections 2"));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revocation_committed_late_with_an_earlier_time_still_disconnects() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    // A revoking transaction that started long ago and commits now: its `now()` is its start.
+    sqlx::query(
+        "UPDATE devices SET revoked_at = now() - interval '10 minutes',
+                updated_at = now() - interval '10 minutes' WHERE device_id = 'elev-1'",
+    )
+    .execute(gw.registry.pool())
+    .await
+    .unwrap();
+    device.closed().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn mqtt5_properties_never_reach_mqtt311_clients() {
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
     use rumqttc::v5::mqttbytes::QoS as QoS5;
