@@ -320,7 +320,12 @@ pub async fn serve(control: Control, shutdown: CancellationToken) -> Result<(), 
 }
 
 /// Records one command result from its uplink subject and payload; `Ok(false)` when it matches
-/// no command of that device (ignored).
+/// no command of that device, or would move its status backwards (ignored).
+///
+/// A command's status only moves forward (pending → accepted → succeeded, failed or rejected;
+/// a final status is final): results can be recorded out of order (replicas record them in
+/// parallel, a failed one is redelivered later, a device resends an old one), and a late
+/// "accepted" must not hide the outcome.
 pub async fn record_result(
     pool: &sqlx::PgPool,
     subject: &str,
@@ -340,13 +345,14 @@ pub async fn record_result(
     };
     let updated = sqlx::query(
         "UPDATE device_commands SET status = $3, detail = $4, output = $5, updated_at = now()
-         WHERE command_id = $1 AND device_id = $2",
+         WHERE command_id = $1 AND device_id = $2 AND status < $3 AND status <= $6",
     )
     .bind(&result.command_id)
     .bind(uplink.device.as_str())
     .bind(result.status)
     .bind(&result.detail)
     .bind(result.output.map(|o| o.encode_to_vec()))
+    .bind(v1::CommandStatus::Accepted as i32)
     .execute(pool)
     .await?
     .rows_affected();
@@ -354,12 +360,65 @@ pub async fn record_result(
 }
 
 /// Follows devices' command results in `LW_UPLINK` until `shutdown`; a result is acknowledged
-/// once recorded (a database failure leaves it for redelivery).
+/// once recorded (a database failure leaves it for redelivery). When the consumer cannot be
+/// declared or read (NATS away, the stream or the consumer deleted), it is declared again after
+/// a pause that doubles up to 5 s: the follower never stops before `shutdown`.
 pub async fn follow_results(
     js: jetstream::Context,
     pool: sqlx::PgPool,
     shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
+    const FIRST_PAUSE: Duration = Duration::from_millis(100);
+    let mut pause = FIRST_PAUSE;
+    while !shutdown.is_cancelled() {
+        let opened = tokio::select! {
+            opened = open_results(&js) => opened,
+            _ = shutdown.cancelled() => break,
+        };
+        match opened {
+            Ok(mut messages) => loop {
+                let message = tokio::select! {
+                    message = messages.next() => message,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                let message = match message {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "reading command results failed; reopening");
+                        break;
+                    }
+                    None => break,
+                };
+                pause = FIRST_PAUSE;
+                match record_result(&pool, &message.subject, &message.payload).await {
+                    Ok(_) => {
+                        if let Err(e) = message.ack().await {
+                            tracing::warn!(error = %e, "acknowledging a command result failed");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "recording a command result failed; redelivered later");
+                        let _ = message
+                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                    }
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?pause, "cannot follow command results")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+    Ok(())
+}
+
+/// Declares the shared command-results consumer and opens its message stream.
+async fn open_results(js: &jetstream::Context) -> Result<pull::Stream, BoxError> {
     let stream = js.get_stream(UPLINK_STREAM.name).await?;
     let consumer = stream
         .get_or_create_consumer(
@@ -373,31 +432,5 @@ pub async fn follow_results(
             },
         )
         .await?;
-    let mut messages = consumer.messages().await?;
-    loop {
-        let message = tokio::select! {
-            message = messages.next() => match message {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "reading command results failed");
-                    continue;
-                }
-                None => return Ok(()),
-            },
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        match record_result(&pool, &message.subject, &message.payload).await {
-            Ok(_) => {
-                if let Err(e) = message.ack().await {
-                    tracing::warn!(error = %e, "acknowledging a command result failed");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "recording a command result failed; redelivered later");
-                let _ = message
-                    .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
-        }
-    }
+    Ok(consumer.messages().await?)
 }

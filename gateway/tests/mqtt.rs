@@ -281,7 +281,7 @@ async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_stored_command_result_with_unstorable_text_is_dropped_not_retried_for_ever() {
+async fn command_results_with_unstorable_text_are_dropped_and_late_ones_never_move_a_status_back() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;
     let pool = gw.registry.pool();
@@ -292,16 +292,17 @@ async fn a_stored_command_result_with_unstorable_text_is_dropped_not_retried_for
     .execute(pool)
     .await
     .unwrap();
-    let result = |detail: &str| {
+    let result_with = |status: v1::CommandStatus, detail: &str| {
         let mut envelope = v1::Envelope::decode(envelope("elev-1", 1).as_slice()).unwrap();
         envelope.body = Some(v1::envelope::Body::CommandResult(v1::CommandResult {
             command_id: "c-1".into(),
-            status: v1::CommandStatus::Succeeded as i32,
+            status: status as i32,
             detail: detail.into(),
             output: None,
         }));
         envelope.encode_to_vec()
     };
+    let result = |detail: &str| result_with(v1::CommandStatus::Succeeded, detail);
     let subject = "lw.v1.up.b1.elev-1.command-result";
     // Stored before the bridge refused NUL characters: PostgreSQL cannot store it, so it is
     // ignored (and acknowledged) instead of failing at every redelivery.
@@ -320,6 +321,90 @@ async fn a_stored_command_result_with_unstorable_text_is_dropped_not_retried_for
             .await
             .unwrap();
     assert_eq!(detail, "rebooted");
+
+    // Recorded late (redelivered, or by another replica): the outcome stays.
+    for late in [v1::CommandStatus::Accepted, v1::CommandStatus::Failed] {
+        assert!(!liftwire_gateway::control::record_result(
+            pool,
+            subject,
+            &result_with(late, "late")
+        )
+        .await
+        .unwrap());
+    }
+    let (status, detail): (i32, String) =
+        sqlx::query_as("SELECT status, detail FROM device_commands WHERE command_id = 'c-1'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status, detail.as_str()),
+        (v1::CommandStatus::Succeeded as i32, "rebooted")
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn command_results_are_followed_again_after_their_consumer_is_deleted() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let pool = gw.registry.pool();
+    sqlx::query(
+        "INSERT INTO device_commands (command_id, building_id, device_id, kind, requested_by, expires_at)
+         VALUES ('c-1', 'b1', 'elev-1', 'reboot', 'tech', now() + interval '1 hour')",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let js = jetstream::new(nats.client().await.unwrap());
+    let uplink = js.get_stream(UPLINK_STREAM.name).await.unwrap();
+    // Wait for the follower's consumer, then an operator deletes it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while uplink
+        .consumer_info(liftwire_gateway::control::RESULTS_CONSUMER)
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no results consumer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    uplink
+        .delete_consumer(liftwire_gateway::control::RESULTS_CONSUMER)
+        .await
+        .unwrap();
+
+    let mut result = v1::Envelope::decode(envelope("elev-1", 1).as_slice()).unwrap();
+    result.body = Some(v1::envelope::Body::CommandResult(v1::CommandResult {
+        command_id: "c-1".into(),
+        status: v1::CommandStatus::Succeeded as i32,
+        detail: "rebooted".into(),
+        output: None,
+    }));
+    js.publish(
+        "lw.v1.up.b1.elev-1.command-result",
+        result.encode_to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let status = || async {
+        sqlx::query_scalar::<_, i32>("SELECT status FROM device_commands WHERE command_id = 'c-1'")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status().await != v1::CommandStatus::Succeeded as i32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the result was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gw.stop().await;
 }
 
