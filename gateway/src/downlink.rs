@@ -34,6 +34,9 @@ pub enum DownlinkError {
     /// The payload is not a `Downlink` of the subject's kind.
     #[error("payload is not a liftwire.v1.Downlink of kind {0}")]
     Payload(&'static str),
+    /// The payload is larger than devices take (`mqtt.max_payload_bytes`).
+    #[error("payload of {0} bytes exceeds the limit")]
+    TooLarge(usize),
 }
 
 impl DownlinkError {
@@ -41,17 +44,23 @@ impl DownlinkError {
         match self {
             DownlinkError::Subject(_) => "subject",
             DownlinkError::Payload(_) => "payload",
+            DownlinkError::TooLarge(_) => "too_large",
         }
     }
 }
 
 /// Builds the broker packet for a downlink message: QoS 1, retained for retained kinds. An empty
-/// payload on a retained kind clears the retained message.
+/// payload on a retained kind clears the retained message. A payload over `max_payload` bytes is
+/// refused: devices would drop the connection on it (and, retained, again at every reconnect).
 pub fn packet(
     subject: &str,
     payload: Bytes,
     pkid: u16,
+    max_payload: usize,
 ) -> Result<(DownlinkKind, Packet), DownlinkError> {
+    if payload.len() > max_payload {
+        return Err(DownlinkError::TooLarge(payload.len()));
+    }
     let down = Downlink::from_nats_subject(subject)?;
     let clearing = payload.is_empty() && down.kind.retained();
     if !clearing {
@@ -119,18 +128,24 @@ pub async fn drain_link(mut link_rx: LinkRx, shutdown: CancellationToken) {
 }
 
 /// Forwards downlink messages from NATS into the broker until `shutdown`.
+///
+/// Live kinds (commands, upload grants) flow while the retained consumers are being (re)opened:
+/// `LW_RETAINED` being unavailable never holds up a command.
 pub async fn run(
     nats: async_nats::Client,
     js: jetstream::Context,
     to_broker: mpsc::Sender<Packet>,
     metrics: Metrics,
+    max_payload: usize,
     shutdown: CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut live = futures::stream::select_all(Vec::new());
     for kind in DownlinkKind::ALL.iter().filter(|k| !k.retained()) {
         live.push(nats.subscribe(downlink_kind_filter(*kind)).await?);
     }
-    let mut retained = futures::stream::select_all(Vec::new());
+    let mut retained: RetainedMessages = futures::stream::select_all(Vec::new());
+    let mut opening: Option<OpeningRetained> = None;
+    let mut open_at = tokio::time::Instant::now();
     let mut retry = Duration::from_millis(100);
     let mut pkid: u16 = 0;
     // Ordered consumers notice a server restart only after missing heartbeats; watching the
@@ -138,28 +153,31 @@ pub async fn run(
     let mut watch = tokio::time::interval(Duration::from_millis(250));
     let mut was_connected = true;
     loop {
-        if retained.is_empty() {
+        if retained.is_empty() && opening.is_none() && tokio::time::Instant::now() >= open_at {
             // (Re)start after start-up or a NATS restart: the last message per subject again
             // (harmless, retained messages are idempotent), then live.
-            match retained_consumers(&js).await {
-                Ok(consumers) => {
-                    retained = consumers;
-                    retry = Duration::from_millis(100);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?retry, "cannot consume retained downlink yet");
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                    retry = (retry * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            }
+            let js = js.clone();
+            opening = Some(Box::pin(async move { retained_consumers(&js).await }));
         }
         let (subject, payload) = tokio::select! {
             Some(message) = live.next() => (message.subject, message.payload),
-            message = retained.next() => match message {
+            opened = async { opening.as_mut().expect("guarded").await }, if opening.is_some() => {
+                opening = None;
+                match opened {
+                    Ok(consumers) => {
+                        retained = consumers;
+                        retry = Duration::from_millis(100);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?retry, "cannot consume retained downlink yet");
+                        open_at = tokio::time::Instant::now() + retry;
+                        retry = (retry * 2).min(Duration::from_secs(5));
+                    }
+                }
+                continue;
+            }
+            () = tokio::time::sleep_until(open_at), if retained.is_empty() && opening.is_none() => continue,
+            message = retained.next(), if !retained.is_empty() => match message {
                 Some(Ok(message)) => (message.subject.clone(), message.payload.clone()),
                 failed => {
                     if let Some(Err(e)) = failed {
@@ -181,7 +199,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
         };
         pkid = pkid.wrapping_add(1).max(1);
-        match packet(&subject, payload, pkid) {
+        match packet(&subject, payload, pkid, max_payload) {
             Ok((kind, packet)) => {
                 if to_broker.send(packet).await.is_err() {
                     break;
@@ -204,6 +222,15 @@ pub async fn run(
     }
     Ok(())
 }
+
+/// The retained consumers being opened.
+type OpeningRetained = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<RetainedMessages, Box<dyn std::error::Error + Send + Sync>>,
+            > + Send,
+    >,
+>;
 
 type RetainedMessages = futures::stream::SelectAll<jetstream::consumer::pull::Ordered>;
 
@@ -241,12 +268,28 @@ mod tests {
         .into()
     }
 
+    const MAX: usize = 64 * 1024;
+
+    #[test]
+    fn downlink_larger_than_devices_take_is_refused() {
+        let payload = downlink(v1::downlink::Body::Command(v1::Command {
+            command_id: "c".repeat(2_000),
+            ..Default::default()
+        }));
+        assert!(matches!(
+            packet("lw.v1.down.b1.elev-1.command", payload.clone(), 1, 1_000),
+            Err(DownlinkError::TooLarge(n)) if n == payload.len()
+        ));
+        assert!(packet("lw.v1.down.b1.elev-1.command", payload, 1, MAX).is_ok());
+    }
+
     #[test]
     fn builds_qos1_packets_retained_by_kind() {
         let payload = downlink(v1::downlink::Body::Watermark(v1::Watermark {
             persisted_seq: 7,
         }));
-        let (kind, built) = packet("lw.v1.down.b1.elev-1.watermark", payload.clone(), 9).unwrap();
+        let (kind, built) =
+            packet("lw.v1.down.b1.elev-1.watermark", payload.clone(), 9, MAX).unwrap();
         assert_eq!(kind, DownlinkKind::Watermark);
         let Packet::Publish(publish, None) = built else {
             panic!("a publish")
@@ -258,7 +301,7 @@ mod tests {
 
         let command = downlink(v1::downlink::Body::Command(v1::Command::default()));
         let (_, Packet::Publish(publish, _)) =
-            packet("lw.v1.down.b1.elev-1.command", command, 1).unwrap()
+            packet("lw.v1.down.b1.elev-1.command", command, 1, MAX).unwrap()
         else {
             panic!("a publish")
         };
@@ -272,9 +315,13 @@ mod tests {
             ..Default::default()
         };
         let payload = downlink(v1::downlink::Body::ScreenContent(content));
-        let (_, Packet::Publish(publish, _)) =
-            packet("lw.v1.down.b1._all.screen-content", payload.clone(), 1).unwrap()
-        else {
+        let (_, Packet::Publish(publish, _)) = packet(
+            "lw.v1.down.b1._all.screen-content",
+            payload.clone(),
+            1,
+            1024 * 1024,
+        )
+        .unwrap() else {
             panic!("a publish")
         };
         assert_eq!(publish.payload, payload);
@@ -287,24 +334,24 @@ mod tests {
             persisted_seq: 7,
         }));
         assert_eq!(
-            packet("lw.v1.down.b1.elev-1.command", watermark.clone(), 1)
+            packet("lw.v1.down.b1.elev-1.command", watermark.clone(), 1, MAX)
                 .unwrap_err()
                 .reason(),
             "payload"
         );
         assert_eq!(
-            packet("lw.v1.down.b1.*.watermark", watermark.clone(), 1)
+            packet("lw.v1.down.b1.*.watermark", watermark.clone(), 1, MAX)
                 .unwrap_err()
                 .reason(),
             "subject"
         );
         assert_eq!(
-            packet("lw.v1.down.b1.elev-1.command", Bytes::new(), 1)
+            packet("lw.v1.down.b1.elev-1.command", Bytes::new(), 1, MAX)
                 .unwrap_err()
                 .reason(),
             "payload"
         );
         // An empty retained message clears the retained content.
-        assert!(packet("lw.v1.down.b1.elev-1.screen-content", Bytes::new(), 1).is_ok());
+        assert!(packet("lw.v1.down.b1.elev-1.screen-content", Bytes::new(), 1, MAX).is_ok());
     }
 }

@@ -479,6 +479,7 @@ impl Service for Gateway {
                 js.clone(),
                 to_broker,
                 metrics.clone(),
+                config.mqtt.max_payload_bytes,
                 tasks.child_token(),
             );
             async move {

@@ -960,6 +960,72 @@ async fn downlink_never_stalls_past_the_routers_link_buffer() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn commands_flow_while_the_retained_stream_is_unavailable() {
+    let (mut nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    device.subscribe("lw/v1/b1/elev-1/down/+").await;
+    // The retained stream is gone, and NATS restarts: the gateway opens its retained consumers
+    // again, which keeps failing.
+    let js = jetstream::new(nats.client().await.unwrap());
+    js.delete_stream(liftwire_proto::naming::RETAINED_STREAM.name)
+        .await
+        .unwrap();
+    nats.stop();
+    // Long enough for the gateway to notice (it watches its connection every 250 ms).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    nats.restart().unwrap();
+
+    // Commands are core NATS: repeat one until the gateway, reconnected, passes it on.
+    let client = nats.client().await.unwrap();
+    let command = v1::Downlink {
+        message_id: "m-1".into(),
+        issued_at: None,
+        body: Some(v1::downlink::Body::Command(v1::Command {
+            command_id: "c-1".into(),
+            ..Default::default()
+        })),
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        client
+            .publish(
+                "lw.v1.down.b1.elev-1.command",
+                command.encode_to_vec().into(),
+            )
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        if !device.quiet_for(Duration::from_millis(300)).await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no command passed while LW_RETAINED is unavailable"
+        );
+    }
+    // And they keep flowing while the gateway keeps failing to open the retained consumers.
+    while !device.quiet_for(Duration::from_millis(300)).await {}
+    for _ in 0..5 {
+        client
+            .publish(
+                "lw.v1.down.b1.elev-1.command",
+                command.encode_to_vec().into(),
+            )
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let (topic, _, _) = device.message().await;
+        assert_eq!(topic, "lw/v1/b1/elev-1/down/command");
+        assert!(device.quiet_for(Duration::from_millis(300)).await);
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_connection_is_reported_offline_as_lost() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;
