@@ -81,9 +81,20 @@ pub enum Refusal {
     /// The declared SHA-256 is not 32 bytes.
     #[error("bad_sha256")]
     BadDigest,
+    /// The declared content type is not a media type (`type/subtype`, printable ASCII, at most
+    /// 255 bytes): it could not be sent as a header.
+    #[error("bad_content_type")]
+    BadContentType,
     /// Presigning failed.
     #[error("unavailable")]
     Unavailable,
+}
+
+/// True for a content type that can be signed and sent as a header.
+fn valid_content_type(content_type: &str) -> bool {
+    content_type.len() <= 255
+        && content_type.contains('/')
+        && content_type.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
 impl Uploads {
@@ -169,6 +180,9 @@ impl Uploads {
         } else {
             request.content_type.as_str()
         };
+        if !valid_content_type(content_type) {
+            return Err(Refusal::BadContentType);
+        }
         let presigning =
             PresigningConfig::expires_in(self.config.url_ttl).map_err(|_| Refusal::Unavailable)?;
         let presigned = self
@@ -177,6 +191,8 @@ impl Uploads {
             .bucket(&self.config.bucket)
             .key(&key)
             .content_type(content_type)
+            // Signed: the store refuses a body of any other length than the one granted.
+            .content_length(i64::try_from(request.size).map_err(|_| Refusal::TooLarge)?)
             .presigned(presigning)
             .await
             .map_err(|e| {

@@ -14,6 +14,10 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn upload_request(seq: u64, size: u64, sha256: Vec<u8>) -> Vec<u8> {
+    upload_request_of(seq, size, sha256, "application/gzip")
+}
+
+fn upload_request_of(seq: u64, size: u64, sha256: Vec<u8>, content_type: &str) -> Vec<u8> {
     v1::Envelope {
         schema_version: SCHEMA_VERSION,
         device_id: "elev-1".into(),
@@ -24,7 +28,7 @@ fn upload_request(seq: u64, size: u64, sha256: Vec<u8>) -> Vec<u8> {
         }),
         body: Some(v1::envelope::Body::UploadRequest(v1::UploadRequest {
             request_id: format!("r-{seq}"),
-            content_type: "application/gzip".into(),
+            content_type: content_type.into(),
             size,
             sha256,
             purpose: "diagnostics".into(),
@@ -122,6 +126,17 @@ async fn a_device_uploads_through_a_presigned_url_and_the_bus_carries_only_the_r
         .unwrap();
     let stored = stored.body.collect().await.unwrap().into_bytes();
     assert_eq!(Sha256::digest(&stored).to_vec(), digest);
+    // The URL is bound to the granted size: a larger body (or a smaller one) is refused.
+    let mut larger = bundle.clone();
+    larger.extend_from_slice(&[0u8; 4096]);
+    assert_eq!(
+        http_put(&presigned.url, "application/gzip", &larger).await,
+        403
+    );
+    assert_eq!(
+        http_put(&presigned.url, "application/gzip", &bundle[..10]).await,
+        403
+    );
     // The URL is bound to its object: it cannot write another key.
     assert_eq!(
         http_put(
@@ -137,13 +152,26 @@ async fn a_device_uploads_through_a_presigned_url_and_the_bus_carries_only_the_r
     device
         .publish(
             "lw/v1/b1/elev-1/up/upload-request",
-            upload_request(2, 10 * 1024 * 1024, digest),
+            upload_request(2, 10 * 1024 * 1024, digest.clone()),
         )
         .await;
     let refused = grant(&mut device).await;
     assert_eq!(
         (refused.error.as_str(), refused.target.is_none()),
         ("too_large", true)
+    );
+    // Not a content type a header can carry: refused as such, not "unavailable" (which a device
+    // would retry).
+    device
+        .publish(
+            "lw/v1/b1/elev-1/up/upload-request",
+            upload_request_of(3, 10, digest.clone(), "text/plain\r\nX-Evil: 1"),
+        )
+        .await;
+    let refused = grant(&mut device).await;
+    assert_eq!(
+        (refused.error.as_str(), refused.target.is_none()),
+        ("bad_content_type", true)
     );
     gw.stop().await;
 }
