@@ -169,6 +169,7 @@ pub async fn run(
                         retry = Duration::from_millis(100);
                     }
                     Err(e) => {
+                        metrics.retained_open_failures.inc();
                         tracing::warn!(error = %e, retry_in = ?retry, "cannot consume retained downlink yet");
                         open_at = tokio::time::Instant::now() + retry;
                         retry = (retry * 2).min(Duration::from_secs(5));

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub downlink_messages: Family<Kind, Counter>,
     /// Downlink messages refused (bad subject or payload).
     pub downlink_rejects: Family<Reason, Counter>,
+    /// Attempts to open the retained downlink consumers (`LW_RETAINED`) that failed.
+    pub retained_open_failures: Counter,
     /// Presence changes stored in `LW_PRESENCE`, by state.
     pub presence_events: Family<Kind, Counter>,
     /// Attempts to store a presence change that JetStream refused or did not answer (the change
@@ -74,6 +76,7 @@ impl Metrics {
             jetstream_retries: Counter::default(),
             downlink_messages: Family::default(),
             downlink_rejects: Family::default(),
+            retained_open_failures: Counter::default(),
             presence_events: Family::default(),
             presence_failures: Counter::default(),
         };
@@ -142,6 +145,11 @@ impl Metrics {
             "downlink_rejects",
             "Downlink messages refused, by reason",
             m.downlink_rejects.clone(),
+        );
+        r.register(
+            "retained_open_failures",
+            "Attempts to open the retained downlink consumers that failed (retried with a backoff)",
+            m.retained_open_failures.clone(),
         );
         r.register(
             "presence_events",

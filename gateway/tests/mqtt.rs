@@ -482,11 +482,10 @@ async fn downlink_reaches_exactly_the_addressed_device_on_any_replica_and_conten
     let mut two = Device::connect(gw2.addr, "screen-2", "screen-2", &s2)
         .connected()
         .await;
-    for (device, id) in [(&one, "screen-1"), (&two, "screen-2")] {
+    for (device, id) in [(&mut one, "screen-1"), (&mut two, "screen-2")] {
         device.subscribe(&format!("lw/v1/b1/{id}/down/+")).await;
         device.subscribe("lw/v1/b1/_all/down/+").await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let client = nats.client().await.unwrap();
     let command = v1::Downlink {
@@ -923,7 +922,6 @@ async fn downlink_never_stalls_past_the_routers_link_buffer() {
         .connected()
         .await;
     device.subscribe("lw/v1/b1/elev-1/down/+").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let client = nats.client().await.unwrap();
     for i in 0..1_000 {
         let command = v1::Downlink {
@@ -975,9 +973,22 @@ async fn commands_flow_while_the_retained_stream_is_unavailable() {
         .await
         .unwrap();
     nats.stop();
-    // Long enough for the gateway to notice (it watches its connection every 250 ms).
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    until("the gateway notices NATS is gone", || {
+        gw.ctx.readiness.not_ready().contains(&"nats")
+    })
+    .await;
+    // An outage of a few of the downlink's connection checks (every 250 ms), so that it opens
+    // its retained consumers again once NATS is back.
+    tokio::time::sleep(Duration::from_millis(750)).await;
     nats.restart().unwrap();
+    until("the gateway fails to open the retained consumers", || {
+        gw.metrics().lines().any(|l| {
+            l.strip_prefix("liftwire_gateway_retained_open_failures_total ")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|v| v >= 1)
+        })
+    })
+    .await;
 
     // Commands are core NATS: repeat one until the gateway, reconnected, passes it on.
     let client = nats.client().await.unwrap();

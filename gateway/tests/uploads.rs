@@ -87,7 +87,6 @@ async fn a_device_uploads_through_a_presigned_url_and_the_bus_carries_only_the_r
         .connected()
         .await;
     device.subscribe("lw/v1/b1/elev-1/down/+").await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
     let bundle = b"diagnostic bundle: door operator current trace ...".repeat(100);
     let digest = Sha256::digest(&bundle).to_vec();

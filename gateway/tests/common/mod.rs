@@ -161,12 +161,16 @@ pub enum Seen {
         retain: bool,
     },
     Closed(String),
+    /// A SUBACK.
+    Subscribed,
 }
 
 /// An MQTT device (rumqttc) whose event loop runs in the background.
 pub struct Device {
     pub client: AsyncClient,
     pub seen: mpsc::UnboundedReceiver<Seen>,
+    /// Observations made while waiting for something else (a SUBACK), in order.
+    early: std::collections::VecDeque<Seen>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -184,6 +188,9 @@ impl Device {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let _ = tx.send(Seen::Connected);
                     }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = tx.send(Seen::Subscribed);
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let _ = tx.send(Seen::Message {
                             topic: p.topic.clone(),
@@ -199,11 +206,19 @@ impl Device {
                 }
             }
         });
-        Device { client, seen, task }
+        Device {
+            client,
+            seen,
+            early: std::collections::VecDeque::new(),
+            task,
+        }
     }
 
     /// Waits for the next observation.
     pub async fn next(&mut self) -> Seen {
+        if let Some(seen) = self.early.pop_front() {
+            return seen;
+        }
         tokio::time::timeout(WAIT, self.seen.recv())
             .await
             .expect("an MQTT event in time")
@@ -237,13 +252,20 @@ impl Device {
                     retain,
                 } => return (topic, payload, retain),
                 Seen::Closed(why) => panic!("closed while waiting for a message: {why}"),
-                Seen::Connected => {}
+                Seen::Connected | Seen::Subscribed => {}
             }
         }
     }
 
     /// Whether a message arrives within `within`.
     pub async fn quiet_for(&mut self, within: Duration) -> bool {
+        if self
+            .early
+            .iter()
+            .any(|seen| matches!(seen, Seen::Message { .. }))
+        {
+            return false;
+        }
         loop {
             match tokio::time::timeout(within, self.seen.recv()).await {
                 Err(_) => return true,
@@ -261,11 +283,27 @@ impl Device {
             .unwrap();
     }
 
-    pub async fn subscribe(&self, filter: &str) {
+    /// Subscribes and waits for the SUBACK (or the connection closing, on a refused filter), so
+    /// that what is published afterwards reaches the device.
+    pub async fn subscribe(&mut self, filter: &str) {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .await
             .unwrap();
+        loop {
+            let seen = tokio::time::timeout(WAIT, self.seen.recv())
+                .await
+                .expect("a SUBACK in time")
+                .expect("event loop alive");
+            match seen {
+                Seen::Subscribed => return,
+                closed @ Seen::Closed(_) => {
+                    self.early.push_back(closed);
+                    return;
+                }
+                other => self.early.push_back(other),
+            }
+        }
     }
 }
 
