@@ -220,32 +220,37 @@ async fn command(c: &Control, r: v1::CommandRequest) -> Result<v1::CommandRecord
     }
     command.command_id = uuid::Uuid::new_v4().to_string();
     command.expires_at = ts(Some(expires));
+    let command_id = command.command_id.clone();
+    let downlink = v1::Downlink {
+        message_id: command.command_id.clone(),
+        issued_at: ts(Some(now)),
+        body: Some(v1::downlink::Body::Command(command)),
+    }
+    .encode_to_vec();
     let row: CommandRow = sqlx::query_as(&format!(
-        "INSERT INTO device_commands (command_id, building_id, device_id, kind, requested_by, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COMMAND_COLUMNS}"
+        "INSERT INTO device_commands (command_id, building_id, device_id, kind, requested_by, expires_at, downlink)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COMMAND_COLUMNS}"
     ))
-    .bind(&command.command_id)
+    .bind(&command_id)
     .bind(building.as_str())
     .bind(device.as_str())
     .bind(kind)
     .bind(&r.requested_by)
     .bind(expires)
+    .bind(&downlink)
     .fetch_one(c.registry.pool())
     .await
     .map_err(|e| EndpointError::unavailable(&e))?;
-    let downlink = v1::Downlink {
-        message_id: command.command_id.clone(),
-        issued_at: ts(Some(now)),
-        body: Some(v1::downlink::Body::Command(command)),
-    };
     let subject = Downlink {
         building,
         audience: Audience::Device(device),
         kind: DownlinkKind::Command,
     }
     .nats_subject();
+    // Core NATS: if the device is away now, the command is sent again when it subscribes
+    // ([`resend_pending`]).
     c.nats
-        .publish(subject, downlink.encode_to_vec().into())
+        .publish(subject, downlink.into())
         .await
         .map_err(|e| EndpointError::unavailable(&e))?;
     Ok(command_record(row))
@@ -317,6 +322,79 @@ pub async fn serve(control: Control, shutdown: CancellationToken) -> Result<(), 
         shutdown,
     )
     .await
+}
+
+/// Publishes again, on each device's command subject, the commands still pending (no result
+/// yet) and unexpired of `devices` (devices that just subscribed to their commands). Returns how
+/// many were sent.
+pub async fn resend_pending(
+    pool: &sqlx::PgPool,
+    nats: &async_nats::Client,
+    devices: &[(BuildingId, DeviceId)],
+) -> Result<usize, BoxError> {
+    let ids: Vec<&str> = devices.iter().map(|(_, d)| d.as_str()).collect();
+    let pending: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT building_id, device_id, downlink FROM device_commands
+          WHERE device_id = ANY($1) AND status = 0 AND expires_at > now() AND downlink IS NOT NULL
+          ORDER BY requested_at, command_id",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let mut sent = 0;
+    for (building, device, downlink) in pending {
+        // The device's building now: a command for a device that moved stays with the old one.
+        let Some((building, device)) = devices
+            .iter()
+            .find(|(b, d)| b.as_str() == building && d.as_str() == device)
+        else {
+            continue;
+        };
+        let subject = Downlink {
+            building: building.clone(),
+            audience: Audience::Device(device.clone()),
+            kind: DownlinkKind::Command,
+        }
+        .nats_subject();
+        nats.publish(subject, downlink.into()).await?;
+        sent += 1;
+    }
+    Ok(sent)
+}
+
+/// Sends pending commands again to the devices that subscribe to them, as the guard reports them
+/// on `subscribed`, until `shutdown`. Devices reported together are looked up in one query.
+pub async fn resend_on_subscribe(
+    mut subscribed: tokio::sync::mpsc::Receiver<(BuildingId, DeviceId)>,
+    pool: sqlx::PgPool,
+    nats: async_nats::Client,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            first = subscribed.recv() => first,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(first) = first else { break };
+        let mut devices = vec![first];
+        while devices.len() < 1_024 {
+            match subscribed.try_recv() {
+                Ok(device) if !devices.contains(&device) => devices.push(device),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        match resend_pending(&pool, &nats, &devices).await {
+            Ok(0) => {}
+            Ok(sent) => tracing::info!(
+                sent,
+                "pending commands sent again to devices that came back"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, devices = devices.len(), "sending pending commands again failed; they go at the next subscription")
+            }
+        }
+    }
 }
 
 /// Records one command result from its uplink subject and payload; `Ok(false)` when it matches

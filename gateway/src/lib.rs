@@ -201,6 +201,10 @@ pub struct Gateway {
     metrics: Metrics,
     uplink_rx: mpsc::Receiver<session::Incoming>,
     presence: Arc<presence::PresenceBoard>,
+    subscribed_rx: mpsc::Receiver<(
+        liftwire_proto::naming::BuildingId,
+        liftwire_proto::naming::DeviceId,
+    )>,
     links: LinkFactory,
     servers: Vec<Listener>,
     mqtt_addr: SocketAddr,
@@ -338,9 +342,11 @@ impl Service for Gateway {
 
         let (uplink_tx, uplink_rx) = mpsc::channel(config.mqtt.uplink_queue);
         let presence = Arc::new(presence::PresenceBoard::new(config.gateway_id.clone()));
+        let (subscribed_tx, subscribed_rx) = mpsc::channel(4_096);
         let shared = Arc::new(Shared::new(
             uplink_tx,
             presence.clone(),
+            subscribed_tx,
             metrics.clone(),
             (
                 config.mqtt.rate_limit_per_second,
@@ -415,6 +421,7 @@ impl Service for Gateway {
             metrics,
             uplink_rx,
             presence,
+            subscribed_rx,
             links,
             servers,
             mqtt_addr,
@@ -434,6 +441,7 @@ impl Service for Gateway {
             metrics,
             uplink_rx,
             presence,
+            subscribed_rx,
             links,
             servers,
             mqtt_addr,
@@ -511,6 +519,12 @@ impl Service for Gateway {
                 }
             }
         });
+        let resend = tokio::spawn(control::resend_on_subscribe(
+            subscribed_rx,
+            registry.pool().clone(),
+            nats.clone(),
+            tasks.child_token(),
+        ));
         let revocations = tokio::spawn(watch_revocations(
             registry,
             shared.clone(),
@@ -599,6 +613,7 @@ impl Service for Gateway {
             ("revocations", revocations),
             ("control endpoints", control),
             ("command results", results),
+            ("command resends", resend),
         ] {
             task.await.map_err(|e| format!("{name} task failed: {e}"))?;
         }

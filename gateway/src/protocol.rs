@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use liftwire_proto::naming::{Audience, Downlink, DownlinkKind};
 use liftwire_proto::v1::{DisconnectReason, PresenceState};
 use rumqttd::protocol::{ConnectReturnCode, Error, Packet, Protocol};
 use tokio::sync::mpsc::error::TrySendError;
@@ -287,6 +288,19 @@ impl<P: Protocol> Protocol for Guard<P> {
                 for filter in &subscribe.filters {
                     acl::check_subscribe(&session.identity, &filter.path)
                         .map_err(|v| self.violation(v))?;
+                }
+                let commands = Downlink {
+                    building: session.identity.building.clone(),
+                    audience: Audience::Device(session.identity.device.clone()),
+                    kind: DownlinkKind::Command,
+                }
+                .mqtt_topic();
+                if subscribe
+                    .filters
+                    .iter()
+                    .any(|f| rumqttd::protocol::matches(&commands, &f.path))
+                {
+                    self.shared.subscribed_to_commands(&session.identity);
                 }
                 Ok(Packet::Subscribe(subscribe, properties))
             }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use liftwire_proto::naming::Uplink;
+use liftwire_proto::naming::{BuildingId, DeviceId, Uplink};
 use liftwire_proto::v1::{DisconnectReason, PresenceState};
 use tokio::sync::mpsc;
 
@@ -80,6 +80,8 @@ pub struct Shared {
     pub uplink: mpsc::Sender<Incoming>,
     /// To the presence publisher.
     pub presence: Arc<PresenceBoard>,
+    /// Devices that just subscribed to their commands (pending ones are sent again).
+    pub subscribed: mpsc::Sender<(BuildingId, DeviceId)>,
     /// Metrics.
     pub metrics: Metrics,
     /// Per-device uplink rate limit (messages per second) and burst.
@@ -93,6 +95,7 @@ impl Shared {
     pub fn new(
         uplink: mpsc::Sender<Incoming>,
         presence: Arc<PresenceBoard>,
+        subscribed: mpsc::Sender<(BuildingId, DeviceId)>,
         metrics: Metrics,
         rate_limit: (f64, f64),
     ) -> Self {
@@ -100,6 +103,7 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             uplink,
             presence,
+            subscribed,
             metrics,
             rate_limit,
             draining: AtomicBool::new(false),
@@ -195,6 +199,21 @@ impl Shared {
     pub fn presence(&self, change: PresenceChange) {
         self.presence.post(&change);
     }
+
+    /// Reports that `identity` subscribed to its commands. Best effort: when the resender is
+    /// saturated (a reconnect storm), the report is dropped and counted; the device gets its
+    /// pending commands at its next subscription.
+    pub fn subscribed_to_commands(&self, identity: &Identity) {
+        let device = (identity.building.clone(), identity.device.clone());
+        if self.subscribed.try_send(device).is_err() {
+            self.metrics
+                .downlink_rejects
+                .get_or_create(&crate::metrics::Reason {
+                    reason: "resend_queue_full",
+                })
+                .inc();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,9 +224,11 @@ mod tests {
 
     fn shared() -> Shared {
         let (uplink, _) = mpsc::channel(1);
+        let (subscribed, _) = mpsc::channel(1);
         Shared::new(
             uplink,
             Arc::new(PresenceBoard::new("gw-test".into())),
+            subscribed,
             Metrics::register(&mut prometheus_client::registry::Registry::default()),
             (1.0, 1.0),
         )

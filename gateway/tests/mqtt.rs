@@ -345,6 +345,78 @@ async fn command_results_with_unstorable_text_are_dropped_and_late_ones_never_mo
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_command_sent_while_its_device_was_away_reaches_it_when_it_subscribes() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let client = nats.client().await.unwrap();
+    // A technician reboots the elevator while its controller is offline.
+    let request = v1::CommandRequest {
+        building_id: "b1".into(),
+        device_id: "elev-1".into(),
+        command: Some(v1::Command {
+            kind: Some(v1::command::Kind::Reboot(v1::Reboot {})),
+            ..Default::default()
+        }),
+        requested_by: "tech".into(),
+    };
+    let reply = client
+        .request(
+            liftwire_proto::naming::service_subject("gateway", "command").unwrap(),
+            request.encode_to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let record = v1::CommandRecord::decode(reply.payload.as_ref()).unwrap();
+
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    device.subscribe("lw/v1/b1/elev-1/down/+").await;
+    let (topic, payload, _) = device.message().await;
+    assert_eq!(topic, "lw/v1/b1/elev-1/down/command");
+    let Some(v1::downlink::Body::Command(command)) =
+        v1::Downlink::decode(payload.as_slice()).unwrap().body
+    else {
+        panic!("a command")
+    };
+    assert_eq!(command.command_id, record.command_id);
+
+    // Answered: it is no longer sent at the next subscription.
+    let mut answer = v1::Envelope::decode(envelope("elev-1", 1).as_slice()).unwrap();
+    answer.body = Some(v1::envelope::Body::CommandResult(v1::CommandResult {
+        command_id: record.command_id.clone(),
+        status: v1::CommandStatus::Accepted as i32,
+        ..Default::default()
+    }));
+    device
+        .publish("lw/v1/b1/elev-1/up/command-result", answer.encode_to_vec())
+        .await;
+    let pool = gw.registry.pool();
+    let status = || async {
+        sqlx::query_scalar::<_, i32>("SELECT status FROM device_commands")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while status().await != v1::CommandStatus::Accepted as i32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "result not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(device);
+    let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
+        .connected()
+        .await;
+    device.subscribe("lw/v1/b1/elev-1/down/+").await;
+    assert!(device.quiet_for(Duration::from_millis(500)).await);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn command_results_are_followed_again_after_their_consumer_is_deleted() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;
