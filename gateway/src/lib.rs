@@ -205,6 +205,7 @@ pub struct Gateway {
         liftwire_proto::naming::BuildingId,
         liftwire_proto::naming::DeviceId,
     )>,
+    uploads: Option<uploads::Uploads>,
     links: LinkFactory,
     servers: Vec<Listener>,
     mqtt_addr: SocketAddr,
@@ -341,6 +342,11 @@ impl Service for Gateway {
         }
 
         let (uplink_tx, uplink_rx) = mpsc::channel(config.mqtt.uplink_queue);
+        let uploads = config
+            .uploads
+            .clone()
+            .map(uploads::Uploads::new)
+            .transpose()?;
         let presence = Arc::new(presence::PresenceBoard::new(config.gateway_id.clone()));
         let (subscribed_tx, subscribed_rx) = mpsc::channel(4_096);
         let shared = Arc::new(Shared::new(
@@ -422,6 +428,7 @@ impl Service for Gateway {
             uplink_rx,
             presence,
             subscribed_rx,
+            uploads,
             links,
             servers,
             mqtt_addr,
@@ -442,6 +449,7 @@ impl Service for Gateway {
             uplink_rx,
             presence,
             subscribed_rx,
+            uploads,
             links,
             servers,
             mqtt_addr,
@@ -468,7 +476,7 @@ impl Service for Gateway {
                 max_in_flight: config.mqtt.max_in_flight,
                 retry_backoff: Duration::from_millis(100),
                 gateway_id: config.gateway_id.clone(),
-                uploads: config.uploads.clone().map(uploads::Uploads::new),
+                uploads,
                 nats: nats.clone(),
             },
             tasks.child_token(),

@@ -97,9 +97,23 @@ fn valid_content_type(content_type: &str) -> bool {
         && content_type.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
+/// Longest lifetime SigV4 allows a presigned URL.
+pub const MAX_URL_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Why `[uploads]` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadsError {
+    /// `url_ttl` is zero or longer than SigV4 allows ([`MAX_URL_TTL`]): every grant would fail.
+    #[error("uploads.url_ttl must be more than 0 and at most 7 days, not {0:?}")]
+    UrlTtl(Duration),
+}
+
 impl Uploads {
-    /// A presigner for `config`.
-    pub fn new(config: UploadsConfig) -> Self {
+    /// A presigner for `config`; refuses a configuration no grant could be made with.
+    pub fn new(config: UploadsConfig) -> Result<Self, UploadsError> {
+        if config.url_ttl.is_zero() || config.url_ttl > MAX_URL_TTL {
+            return Err(UploadsError::UrlTtl(config.url_ttl));
+        }
         let s3 = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(config.region.clone()))
@@ -115,10 +129,10 @@ impl Uploads {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .build();
-        Self {
+        Ok(Self {
             client: aws_sdk_s3::Client::from_conf(s3),
             config,
-        }
+        })
     }
 
     /// The grant (or refusal) for an accepted `upload-request`, and the subject to publish it on.
@@ -183,6 +197,7 @@ impl Uploads {
         if !valid_content_type(content_type) {
             return Err(Refusal::BadContentType);
         }
+        // Within bounds: checked in [`Uploads::new`].
         let presigning =
             PresigningConfig::expires_in(self.config.url_ttl).map_err(|_| Refusal::Unavailable)?;
         let presigned = self
@@ -211,5 +226,34 @@ impl Uploads {
                 expires_at: Some(timestamp(SystemTime::now() + self.config.url_ttl)),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url_ttl: Duration) -> UploadsConfig {
+        UploadsConfig {
+            endpoint: "http://127.0.0.1:1".into(),
+            region: default_region(),
+            bucket: "b".into(),
+            access_key: "a".into(),
+            secret_key: "s".into(),
+            url_ttl,
+            max_bytes: default_max_bytes(),
+        }
+    }
+
+    #[test]
+    fn a_url_lifetime_sigv4_cannot_sign_is_refused_at_start() {
+        for ttl in [Duration::ZERO, MAX_URL_TTL + Duration::from_secs(1)] {
+            assert!(
+                matches!(Uploads::new(config(ttl)), Err(UploadsError::UrlTtl(t)) if t == ttl),
+                "{ttl:?}"
+            );
+        }
+        assert!(Uploads::new(config(MAX_URL_TTL)).is_ok());
+        assert!(Uploads::new(config(default_ttl())).is_ok());
     }
 }
