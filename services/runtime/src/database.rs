@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use sqlx::postgres::PgPoolOptions;
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// `[database]` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -16,6 +18,11 @@ pub struct DatabaseConfig {
     /// How long to wait for a pooled connection.
     #[serde(with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// Longest a statement may run before PostgreSQL cancels it (`0s`: no limit), so a stuck
+    /// query (a lock held elsewhere, a runaway plan) fails with an error instead of holding its
+    /// connection, and whatever waits on it, for ever.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
 }
 
 impl Default for DatabaseConfig {
@@ -24,6 +31,7 @@ impl Default for DatabaseConfig {
             url: "postgres://liftwire@127.0.0.1:5432/liftwire".into(),
             max_connections: 8,
             acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -31,9 +39,13 @@ impl Default for DatabaseConfig {
 impl DatabaseConfig {
     /// A lazily connecting pool: the service starts while PostgreSQL is still down.
     pub fn pool(&self) -> Result<sqlx::PgPool, sqlx::Error> {
-        PgPoolOptions::new()
+        let options = PgConnectOptions::from_str(&self.url)?.options([(
+            "statement_timeout",
+            self.statement_timeout.as_millis().to_string(),
+        )]);
+        Ok(PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
-            .connect_lazy(&self.url)
+            .connect_lazy_with(options))
     }
 }
