@@ -144,6 +144,7 @@ pub async fn run(
         live.push(nats.subscribe(downlink_kind_filter(*kind)).await?);
     }
     let mut retained: RetainedMessages = futures::stream::select_all(Vec::new());
+    let mut cursor = RetainedCursor::default();
     let mut opening: Option<OpeningRetained> = None;
     let mut open_at = tokio::time::Instant::now();
     let mut retry = Duration::from_millis(100);
@@ -154,19 +155,26 @@ pub async fn run(
     let mut was_connected = true;
     loop {
         if retained.is_empty() && opening.is_none() && tokio::time::Instant::now() >= open_at {
-            // (Re)start after start-up or a NATS restart: the last message per subject again
-            // (harmless, retained messages are idempotent), then live.
-            let js = js.clone();
-            opening = Some(Box::pin(async move { retained_consumers(&js).await }));
+            // At start-up, the last message per subject, then live; after a NATS restart, from
+            // where each kind left off (not the whole fleet's retained messages again).
+            let (js, from) = (js.clone(), cursor.clone());
+            opening = Some(Box::pin(
+                async move { retained_consumers(&js, &from).await },
+            ));
         }
         let (subject, payload) = tokio::select! {
             Some(message) = live.next() => (message.subject, message.payload),
             opened = async { opening.as_mut().expect("guarded").await }, if opening.is_some() => {
                 opening = None;
                 match opened {
-                    Ok(consumers) => {
+                    Ok((consumers, stream)) => {
+                        if cursor.stream != Some(stream) {
+                            // A new stream (first open, or recreated): its sequences start over.
+                            cursor = RetainedCursor { stream: Some(stream), ..Default::default() };
+                        }
                         retained = consumers;
                         retry = Duration::from_millis(100);
+                        metrics.retained_opens.inc();
                     }
                     Err(e) => {
                         metrics.retained_open_failures.inc();
@@ -179,7 +187,14 @@ pub async fn run(
             }
             () = tokio::time::sleep_until(open_at), if retained.is_empty() && opening.is_none() => continue,
             message = retained.next(), if !retained.is_empty() => match message {
-                Some(Ok(message)) => (message.subject.clone(), message.payload.clone()),
+                Some(Ok(message)) => {
+                    if let (Ok(info), Ok(down)) =
+                        (message.info(), Downlink::from_nats_subject(&message.subject))
+                    {
+                        cursor.delivered.insert(down.kind.as_str(), info.stream_sequence);
+                    }
+                    (message.subject.clone(), message.payload.clone())
+                }
                 failed => {
                     if let Some(Err(e)) = failed {
                         tracing::warn!(error = %e, "retained downlink consumer failed; restarting it");
@@ -228,31 +243,53 @@ pub async fn run(
 type OpeningRetained = std::pin::Pin<
     Box<
         dyn std::future::Future<
-                Output = Result<RetainedMessages, Box<dyn std::error::Error + Send + Sync>>,
+                Output = Result<(RetainedMessages, i128), Box<dyn std::error::Error + Send + Sync>>,
             > + Send,
     >,
 >;
 
 type RetainedMessages = futures::stream::SelectAll<jetstream::consumer::pull::Ordered>;
 
-/// One ordered consumer per retained kind, last message per subject first (a last-per-subject
-/// consumer needs a filter inside the stream's subjects).
+/// Where the retained consumers are: the stream they read (its creation time, in nanoseconds)
+/// and the last stream sequence delivered of each retained kind.
+#[derive(Debug, Clone, Default)]
+struct RetainedCursor {
+    stream: Option<i128>,
+    delivered: std::collections::HashMap<&'static str, u64>,
+}
+
+/// One ordered consumer per retained kind (a last-per-subject consumer needs a filter inside the
+/// stream's subjects): on the stream `from` read, right after what it delivered of the kind;
+/// otherwise (first open, a recreated stream) from the last message per subject. Returns them
+/// with the stream's creation time.
 async fn retained_consumers(
     js: &jetstream::Context,
-) -> Result<RetainedMessages, Box<dyn std::error::Error + Send + Sync>> {
-    let stream = js.get_stream(RETAINED_STREAM.name).await?;
+    from: &RetainedCursor,
+) -> Result<(RetainedMessages, i128), Box<dyn std::error::Error + Send + Sync>> {
+    let mut stream = js.get_stream(RETAINED_STREAM.name).await?;
+    let info = stream.info().await?;
+    let created = info.created.unix_timestamp_nanos();
+    let last = info.state.last_sequence;
     let mut retained = futures::stream::select_all(Vec::new());
     for kind in DownlinkKind::ALL.iter().filter(|k| k.retained()) {
+        let deliver_policy = match from.delivered.get(kind.as_str()) {
+            Some(&seen) if from.stream == Some(created) && seen <= last => {
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: seen + 1,
+                }
+            }
+            _ => DeliverPolicy::LastPerSubject,
+        };
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::LastPerSubject,
+                deliver_policy,
                 filter_subject: downlink_kind_filter(*kind),
                 ..Default::default()
             })
             .await?;
         retained.push(consumer.messages().await?);
     }
-    Ok(retained)
+    Ok((retained, created))
 }
 
 #[cfg(test)]

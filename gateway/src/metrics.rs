@@ -52,6 +52,8 @@ pub struct Metrics {
     pub downlink_rejects: Family<Reason, Counter>,
     /// Attempts to open the retained downlink consumers (`LW_RETAINED`) that failed.
     pub retained_open_failures: Counter,
+    /// Times the retained downlink consumers were opened (at start, then after NATS restarts).
+    pub retained_opens: Counter,
     /// Presence changes stored in `LW_PRESENCE`, by state.
     pub presence_events: Family<Kind, Counter>,
     /// Attempts to store a presence change that JetStream refused or did not answer (the change
@@ -77,6 +79,7 @@ impl Metrics {
             downlink_messages: Family::default(),
             downlink_rejects: Family::default(),
             retained_open_failures: Counter::default(),
+            retained_opens: Counter::default(),
             presence_events: Family::default(),
             presence_failures: Counter::default(),
         };
@@ -150,6 +153,11 @@ impl Metrics {
             "retained_open_failures",
             "Attempts to open the retained downlink consumers that failed (retried with a backoff)",
             m.retained_open_failures.clone(),
+        );
+        r.register(
+            "retained_opens",
+            "Times the retained downlink consumers were opened (at start, then after NATS restarts)",
+            m.retained_opens.clone(),
         );
         r.register(
             "presence_events",

@@ -1108,6 +1108,79 @@ async fn commands_flow_while_the_retained_stream_is_unavailable() {
     gw.stop().await;
 }
 
+/// A counter of the gateway's metrics (0 when absent).
+fn counter(gw: &Replica, name: &str) -> u64 {
+    gw.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_nats_restart_retained_downlink_resumes_instead_of_replaying() {
+    let (mut nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "screen-1", DeviceKind::Screen).await;
+    let mut screen = Device::connect(gw.addr, "screen-1", "screen-1", &secret)
+        .connected()
+        .await;
+    screen.subscribe("lw/v1/b1/_all/down/+").await;
+    let content = |version: u64| v1::Downlink {
+        message_id: format!("m-{version}"),
+        issued_at: None,
+        body: Some(v1::downlink::Body::ScreenContent(v1::ScreenContent {
+            content_id: "notice-1".into(),
+            version,
+            ..Default::default()
+        })),
+    };
+    let url = nats.url();
+    let store = |version: u64| {
+        let url = url.clone();
+        async move {
+            let js = jetstream::new(async_nats::connect(url).await.unwrap());
+            js.publish(
+                "lw.v1.down.b1._all.screen-content",
+                content(version).encode_to_vec().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    store(1).await;
+    let (_, payload, _) = screen.message().await;
+    assert_eq!(
+        v1::Downlink::decode(payload.as_slice()).unwrap(),
+        content(1)
+    );
+
+    let opened = counter(&gw, "liftwire_gateway_retained_opens_total");
+    nats.stop();
+    until("the gateway notices NATS is gone", || {
+        gw.ctx.readiness.not_ready().contains(&"nats")
+    })
+    .await;
+    // An outage of a few of the downlink's connection checks (every 250 ms).
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    nats.restart().unwrap();
+    until("the retained consumers opened again", || {
+        counter(&gw, "liftwire_gateway_retained_opens_total") > opened
+    })
+    .await;
+    // Nothing delivered again (with a fleet, every device's content and watermark would be)...
+    assert!(screen.quiet_for(Duration::from_millis(500)).await);
+    // ...and what is new still comes.
+    store(2).await;
+    let (_, payload, _) = screen.message().await;
+    assert_eq!(
+        v1::Downlink::decode(payload.as_slice()).unwrap(),
+        content(2)
+    );
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_connection_is_reported_offline_as_lost() {
     let (nats, pg) = servers().await;
