@@ -161,7 +161,7 @@ impl Default for MqttConfig {
             rate_limit_burst: 500.0,
             uplink_queue: 20_000,
             max_in_flight: 2_048,
-            segment_bytes: 64 * 1024,
+            segment_bytes: 128 * 1024,
             segment_count: 4,
         }
     }

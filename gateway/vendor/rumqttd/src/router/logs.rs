@@ -39,7 +39,9 @@ impl Storage for PublishData {
     // TODO: calculate size of publish properties as well!
     fn size(&self) -> usize {
         let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        // liftwire patch: the entry itself counts too (~230 bytes, more than a watermark's topic
+        // and payload), so segment limits bound the memory a log really holds.
+        std::mem::size_of::<Self>() + 4 + publish.topic.len() + publish.payload.len()
     }
 }
 

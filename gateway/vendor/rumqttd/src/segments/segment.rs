@@ -27,16 +27,18 @@ impl<T> Segment<T>
 where
     T: Storage + Clone,
 {
+    // liftwire patch: segments grow on use; 1,024 entries reserved up front cost ~232 KiB per
+    // subscription filter (and per cleared log) before any message.
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
