@@ -72,6 +72,18 @@ struct Connection {
     online: bool,
     graceful: bool,
     bucket: Bucket,
+    commands: Commands,
+}
+
+/// Where a connection is in getting the pending commands of its device sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commands {
+    /// Not subscribed to its commands yet.
+    NotSubscribed,
+    /// Subscribed with this SUBSCRIBE packet id; its SUBACK is not out yet.
+    Subscribing(u16),
+    /// The resend was asked for (once per connection).
+    Asked,
 }
 
 /// The per-connection guard; `P` is rumqttd's v4 or v5 codec.
@@ -96,6 +108,7 @@ impl<P> Guard<P> {
                 session: None,
                 online: false,
                 graceful: false,
+                commands: Commands::NotSubscribed,
                 bucket: Bucket {
                     tokens: burst,
                     last: Instant::now(),
@@ -300,7 +313,12 @@ impl<P: Protocol> Protocol for Guard<P> {
                     .iter()
                     .any(|f| rumqttd::protocol::matches(&commands, &f.path))
                 {
-                    self.shared.subscribed_to_commands(&session.identity);
+                    // Asked for once its SUBACK goes out: the router has the subscription by
+                    // then, so what is sent again reaches the device.
+                    let mut conn = self.conn();
+                    if conn.commands == Commands::NotSubscribed {
+                        conn.commands = Commands::Subscribing(subscribe.pkid);
+                    }
                 }
                 Ok(Packet::Subscribe(subscribe, properties))
             }
@@ -340,6 +358,16 @@ impl<P: Protocol> Protocol for Guard<P> {
                     }
                 }
                 Packet::ConnAck(ack, properties)
+            }
+            Packet::SubAck(ack, properties) => {
+                let mut conn = self.conn();
+                if conn.commands == Commands::Subscribing(ack.pkid) {
+                    conn.commands = Commands::Asked;
+                    if let Some(session) = &conn.session {
+                        self.shared.subscribed_to_commands(&session.identity);
+                    }
+                }
+                Packet::SubAck(ack, properties)
             }
             // rumqttd's v4 writer panics on properties; a v4 client never gets any.
             Packet::Publish(publish, _) if self.v4 => Packet::Publish(publish, None),
