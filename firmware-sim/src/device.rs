@@ -224,8 +224,10 @@ pub async fn run(
     options.set_credentials(device.as_str(), secret);
     options.set_keep_alive(settings.keep_alive);
     options.set_clean_session(true);
-    // The gateway, not this client, must be the one that refuses an oversized publish.
-    options.set_max_packet_size(options.max_packet_size(), OVERSIZED + 1024);
+    // The gateway, not this client, must be the one that refuses an oversized publish; and the
+    // client takes any downlink the gateway passes (at most its default `mqtt.max_payload_bytes`,
+    // 64 KiB, per packet), where rumqttc's default would drop the connection above 10 KiB.
+    options.set_max_packet_size(128 * 1024, OVERSIZED + 1024);
     // Real firmware registers a last will; the gateway drops it and reports presence itself
     // (a will would bypass its checks), so this only proves the gateway tolerates one.
     let will_topic = Uplink {

@@ -34,8 +34,9 @@ pub enum DownlinkError {
     /// The payload is not a `Downlink` of the subject's kind.
     #[error("payload is not a liftwire.v1.Downlink of kind {0}")]
     Payload(&'static str),
-    /// The payload is larger than devices take (`mqtt.max_payload_bytes`).
-    #[error("payload of {0} bytes exceeds the limit")]
+    /// The packet is larger than devices take (`mqtt.max_payload_bytes`, which bounds a packet's
+    /// topic, packet id and payload).
+    #[error("packet of {0} bytes exceeds the limit")]
     TooLarge(usize),
 }
 
@@ -58,10 +59,13 @@ pub fn packet(
     pkid: u16,
     max_payload: usize,
 ) -> Result<(DownlinkKind, Packet), DownlinkError> {
-    if payload.len() > max_payload {
-        return Err(DownlinkError::TooLarge(payload.len()));
-    }
     let down = Downlink::from_nats_subject(subject)?;
+    let topic = down.mqtt_topic();
+    // What an MQTT 3.1.1 peer counts against its limit: topic length, topic, packet id, payload.
+    let packet_bytes = 2 + topic.len() + 2 + payload.len();
+    if packet_bytes > max_payload {
+        return Err(DownlinkError::TooLarge(packet_bytes));
+    }
     let clearing = payload.is_empty() && down.kind.retained();
     if !clearing {
         let decoded = v1::Downlink::decode(payload.as_ref())
@@ -70,7 +74,6 @@ pub fn packet(
             return Err(DownlinkError::Payload(down.kind.as_str()));
         }
     }
-    let topic = down.mqtt_topic();
     // rumqttd only builds QoS 0 publishes for local links; encode a QoS 1 PUBLISH and let its own
     // codec parse it, so devices get at-least-once delivery of commands and content.
     let mut raw = BytesMut::with_capacity(topic.len() + payload.len() + 8);
@@ -314,11 +317,12 @@ mod tests {
             command_id: "c".repeat(2_000),
             ..Default::default()
         }));
+        let packet_bytes = 4 + "lw/v1/b1/elev-1/down/command".len() + payload.len();
         assert!(matches!(
-            packet("lw.v1.down.b1.elev-1.command", payload.clone(), 1, 1_000),
-            Err(DownlinkError::TooLarge(n)) if n == payload.len()
+            packet("lw.v1.down.b1.elev-1.command", payload.clone(), 1, packet_bytes - 1),
+            Err(DownlinkError::TooLarge(n)) if n == packet_bytes
         ));
-        assert!(packet("lw.v1.down.b1.elev-1.command", payload, 1, MAX).is_ok());
+        assert!(packet("lw.v1.down.b1.elev-1.command", payload, 1, packet_bytes).is_ok());
     }
 
     #[test]
