@@ -32,3 +32,20 @@ async fn a_statement_running_past_the_timeout_is_cancelled_with_an_error() {
     assert_eq!(one, 1);
     pool.close().await;
 }
+
+#[test]
+fn a_statement_timeout_postgresql_cannot_take_is_refused() {
+    for timeout in [
+        Duration::from_micros(500),
+        Duration::from_secs(30 * 24 * 3600),
+    ] {
+        let config = DatabaseConfig {
+            statement_timeout: timeout,
+            ..Default::default()
+        };
+        assert!(
+            matches!(config.pool(), Err(sqlx::Error::Configuration(_))),
+            "{timeout:?}"
+        );
+    }
+}

@@ -173,8 +173,10 @@ struct Backbone {
 /// Starts NATS, PostgreSQL, the telemetry service and the API (like the integration tests).
 async fn start(nats: Nats) -> Backbone {
     let pg = Postgres::start().await.expect("starting PostgreSQL");
+    // Loading the benchmark's history may run longer than a service's statements.
     let database = DatabaseConfig {
         url: pg.url(),
+        statement_timeout: std::time::Duration::ZERO,
         ..Default::default()
     };
     let pool = database.pool().unwrap();

@@ -39,10 +39,19 @@ impl Default for DatabaseConfig {
 impl DatabaseConfig {
     /// A lazily connecting pool: the service starts while PostgreSQL is still down.
     pub fn pool(&self) -> Result<sqlx::PgPool, sqlx::Error> {
-        let options = PgConnectOptions::from_str(&self.url)?.options([(
-            "statement_timeout",
-            self.statement_timeout.as_millis().to_string(),
-        )]);
+        // PostgreSQL takes whole milliseconds up to i32::MAX (about 24 days); 0 means none.
+        let millis = self.statement_timeout.as_millis();
+        if !self.statement_timeout.is_zero() && !(1..=i32::MAX as u128).contains(&millis) {
+            return Err(sqlx::Error::Configuration(
+                format!(
+                    "database.statement_timeout must be 0s or from 1ms to 24 days, not {:?}",
+                    self.statement_timeout
+                )
+                .into(),
+            ));
+        }
+        let options = PgConnectOptions::from_str(&self.url)?
+            .options([("statement_timeout", millis.to_string())]);
         Ok(PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)

@@ -317,8 +317,10 @@ fn cpu_delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> S
 /// A fresh PostgreSQL cluster with the telemetry schema.
 async fn fresh_database() -> (Postgres, sqlx::PgPool) {
     let pg = Postgres::start().await.expect("PostgreSQL starts");
+    // Bulk loads (COPY of a whole scenario) may run longer than a service's statements.
     let pool = DatabaseConfig {
         url: pg.url(),
+        statement_timeout: Duration::ZERO,
         ..Default::default()
     }
     .pool()
