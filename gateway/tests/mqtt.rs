@@ -1091,7 +1091,12 @@ async fn commands_flow_while_the_retained_stream_is_unavailable() {
         );
     }
     // And they keep flowing while the gateway keeps failing to open the retained consumers.
-    while !device.quiet_for(Duration::from_millis(300)).await {}
+    while !device.quiet_for(Duration::from_millis(300)).await {
+        assert!(
+            tokio::time::Instant::now() < deadline + WAIT,
+            "the device kept receiving, or closed"
+        );
+    }
     for _ in 0..5 {
         client
             .publish(

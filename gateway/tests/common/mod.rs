@@ -257,21 +257,21 @@ impl Device {
         }
     }
 
-    /// Whether a message arrives within `within`.
+    /// Whether the device stays connected and gets no message within `within`.
     pub async fn quiet_for(&mut self, within: Duration) -> bool {
         if self
             .early
             .iter()
-            .any(|seen| matches!(seen, Seen::Message { .. }))
+            .any(|seen| matches!(seen, Seen::Message { .. } | Seen::Closed(_)))
         {
             return false;
         }
         loop {
             match tokio::time::timeout(within, self.seen.recv()).await {
                 Err(_) => return true,
-                Ok(Some(Seen::Message { .. })) => return false,
+                // A message, or the connection gone: not a quiet, connected device.
+                Ok(Some(Seen::Message { .. } | Seen::Closed(_))) | Ok(None) => return false,
                 Ok(Some(_)) => {}
-                Ok(None) => return true,
             }
         }
     }
