@@ -156,6 +156,10 @@ pub async fn run(
     // connection restarts them as soon as NATS is back.
     let mut watch = tokio::time::interval(Duration::from_millis(250));
     let mut was_connected = true;
+    // An ordered consumer whose stream is deleted and created again resumes at its old
+    // sequence, skipping the new stream's first messages: the stream is checked now and then.
+    let mut recheck = tokio::time::interval(STREAM_CHECK);
+    let mut checking: Option<CheckingStream> = None;
     loop {
         if retained.is_empty() && opening.is_none() && tokio::time::Instant::now() >= open_at {
             // At start-up, the last message per subject, then live; after a NATS restart, from
@@ -206,6 +210,21 @@ pub async fn run(
                     continue;
                 }
             },
+            _ = recheck.tick(), if checking.is_none() && !retained.is_empty() => {
+                let js = js.clone();
+                checking = Some(Box::pin(async move { stream_created(&js).await }));
+                continue;
+            }
+            created = async { checking.as_mut().expect("guarded").await }, if checking.is_some() => {
+                checking = None;
+                if let (Some(created), Some(reading)) = (created, cursor.stream) {
+                    if created != reading && !retained.is_empty() {
+                        tracing::warn!("LW_RETAINED was created again: reading it from the start");
+                        retained = futures::stream::select_all(Vec::new());
+                    }
+                }
+                continue;
+            }
             _ = watch.tick() => {
                 let connected = nats.connection_state() == async_nats::connection::State::Connected;
                 if connected && !was_connected {
@@ -252,6 +271,25 @@ type OpeningRetained = std::pin::Pin<
 >;
 
 type RetainedMessages = futures::stream::SelectAll<jetstream::consumer::pull::Ordered>;
+
+/// How often the retained consumers check that `LW_RETAINED` is still the stream they read.
+const STREAM_CHECK: Duration = Duration::from_secs(5);
+
+/// A check of the retained stream's creation time in progress.
+type CheckingStream = std::pin::Pin<Box<dyn std::future::Future<Output = Option<i128>> + Send>>;
+
+/// When `LW_RETAINED` was created (nanoseconds), if it can be read within a second.
+async fn stream_created(js: &jetstream::Context) -> Option<i128> {
+    let read = async {
+        let mut stream = js.get_stream(RETAINED_STREAM.name).await.ok()?;
+        let info = stream.info().await.ok()?;
+        Some(info.created.unix_timestamp_nanos())
+    };
+    tokio::time::timeout(Duration::from_secs(1), read)
+        .await
+        .ok()
+        .flatten()
+}
 
 /// Where the retained consumers are: the stream they read (its creation time, in nanoseconds)
 /// and the last stream sequence delivered of each retained kind.

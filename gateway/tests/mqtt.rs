@@ -1187,6 +1187,67 @@ async fn after_a_nats_restart_retained_downlink_resumes_instead_of_replaying() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn retained_downlink_follows_a_stream_created_again_from_its_start() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "screen-1", DeviceKind::Screen).await;
+    let mut screen = Device::connect(gw.addr, "screen-1", "screen-1", &secret)
+        .connected()
+        .await;
+    screen.subscribe("lw/v1/b1/_all/down/+").await;
+    let js = jetstream::new(nats.client().await.unwrap());
+    let content = |version: u64| v1::Downlink {
+        message_id: format!("m-{version}"),
+        issued_at: None,
+        body: Some(v1::downlink::Body::ScreenContent(v1::ScreenContent {
+            content_id: "notice-1".into(),
+            version,
+            ..Default::default()
+        })),
+    };
+    let store = |version: u64| {
+        let js = js.clone();
+        async move {
+            js.publish(
+                "lw.v1.down.b1._all.screen-content",
+                content(version).encode_to_vec().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    for version in 1..=3 {
+        store(version).await;
+        let (_, payload, _) = screen.message().await;
+        assert_eq!(
+            v1::Downlink::decode(payload.as_slice()).unwrap(),
+            content(version)
+        );
+    }
+
+    // An operator wipes the stream and declares it again, NATS staying up: sequences restart.
+    js.delete_stream(liftwire_proto::naming::RETAINED_STREAM.name)
+        .await
+        .unwrap();
+    let config = NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    };
+    ensure_stream(&js, &liftwire_proto::naming::RETAINED_STREAM, &config)
+        .await
+        .unwrap();
+    store(4).await;
+    let (_, payload, _) = screen.message().await;
+    assert_eq!(
+        v1::Downlink::decode(payload.as_slice()).unwrap(),
+        content(4)
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_connection_is_reported_offline_as_lost() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;
