@@ -179,6 +179,20 @@ async fn open_websocket(
     tokio_tungstenite::client_async(request, tcp).await.unwrap()
 }
 
+/// Waits for the gateway to close `ws` (a close frame, an error or the end of the stream).
+async fn closed_by_gateway(ws: &mut WebSocket) {
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the gateway closed the WebSocket");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn browsers_speak_mqtt_over_websocket() {
     let (nats, pg) = servers().await;
@@ -223,18 +237,7 @@ async fn websocket_clients_that_stall_or_inflate_their_connect_are_refused_like_
     let ws_addr = gw.ws_addr.unwrap();
     let secret = provision(&gw, "b1", "screen-1", DeviceKind::Screen).await;
     let open = || async { open_websocket(ws_addr).await.0 };
-    let closed = |mut ws: WebSocket| async move {
-        let end = tokio::time::timeout(WAIT, async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                    Some(Ok(_)) => {}
-                }
-            }
-        })
-        .await;
-        assert!(end.is_ok(), "the gateway closed the WebSocket");
-    };
+    let closed = |mut ws: WebSocket| async move { closed_by_gateway(&mut ws).await };
 
     // Upgrades, then never sends its CONNECT.
     let silent = open().await;
@@ -309,16 +312,7 @@ async fn websocket_messages_larger_than_any_packet_close_only_their_connection()
     let _ = greedy
         .send(Message::Binary(vec![0u8; limit + 1].into()))
         .await;
-    let end = tokio::time::timeout(WAIT, async {
-        loop {
-            match greedy.next().await {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(end.is_ok(), "the gateway closed the greedy WebSocket");
+    closed_by_gateway(&mut greedy).await;
     // Counted as the connection's task ends, just after the socket closes.
     let deadline = tokio::time::Instant::now() + WAIT;
     while !gw

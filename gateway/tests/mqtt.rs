@@ -280,11 +280,8 @@ async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
     gw.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn command_results_with_unstorable_text_are_dropped_and_late_ones_never_move_a_status_back() {
-    let (nats, pg) = servers().await;
-    let gw = Replica::start(&nats, &pg, "gw-1").await;
-    let pool = gw.registry.pool();
+/// Records command `c-1` for elev-1 of b1, as the control endpoint does.
+async fn insert_command(pool: &sqlx::PgPool) {
     sqlx::query(
         "INSERT INTO device_commands (command_id, building_id, device_id, kind, requested_by, expires_at)
          VALUES ('c-1', 'b1', 'elev-1', 'reboot', 'tech', now() + interval '1 hour')",
@@ -292,16 +289,48 @@ async fn command_results_with_unstorable_text_are_dropped_and_late_ones_never_mo
     .execute(pool)
     .await
     .unwrap();
-    let result_with = |status: v1::CommandStatus, detail: &str| {
-        let mut envelope = v1::Envelope::decode(envelope("elev-1", 1).as_slice()).unwrap();
-        envelope.body = Some(v1::envelope::Body::CommandResult(v1::CommandResult {
-            command_id: "c-1".into(),
-            status: status as i32,
-            detail: detail.into(),
-            output: None,
-        }));
-        envelope.encode_to_vec()
-    };
+}
+
+/// elev-1's envelope answering `command_id` with `status` and `detail`.
+fn command_result(command_id: &str, status: v1::CommandStatus, detail: &str) -> Vec<u8> {
+    let mut envelope = v1::Envelope::decode(envelope("elev-1", 1).as_slice()).unwrap();
+    envelope.body = Some(v1::envelope::Body::CommandResult(v1::CommandResult {
+        command_id: command_id.into(),
+        status: status as i32,
+        detail: detail.into(),
+        output: None,
+    }));
+    envelope.encode_to_vec()
+}
+
+/// Waits until `command_id` has `status` in the registry.
+async fn until_status(pool: &sqlx::PgPool, command_id: &str, status: v1::CommandStatus) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now: i32 =
+            sqlx::query_scalar("SELECT status FROM device_commands WHERE command_id = $1")
+                .bind(command_id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if now == status as i32 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{command_id} never {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn command_results_with_unstorable_text_are_dropped_and_late_ones_never_move_a_status_back() {
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let pool = gw.registry.pool();
+    insert_command(pool).await;
+    let result_with = |status, detail: &str| command_result("c-1", status, detail);
     let result = |detail: &str| result_with(v1::CommandStatus::Succeeded, detail);
     let subject = "lw.v1.up.b1.elev-1.command-result";
     // Stored before the bridge refused NUL characters: PostgreSQL cannot store it, so it is
@@ -383,30 +412,18 @@ async fn a_command_sent_while_its_device_was_away_reaches_it_when_it_subscribes(
     assert_eq!(command.command_id, record.command_id);
 
     // Answered: it is no longer sent at the next subscription.
-    let mut answer = v1::Envelope::decode(envelope("elev-1", 1).as_slice()).unwrap();
-    answer.body = Some(v1::envelope::Body::CommandResult(v1::CommandResult {
-        command_id: record.command_id.clone(),
-        status: v1::CommandStatus::Accepted as i32,
-        ..Default::default()
-    }));
     device
-        .publish("lw/v1/b1/elev-1/up/command-result", answer.encode_to_vec())
+        .publish(
+            "lw/v1/b1/elev-1/up/command-result",
+            command_result(&record.command_id, v1::CommandStatus::Accepted, ""),
+        )
         .await;
-    let pool = gw.registry.pool();
-    let status = || async {
-        sqlx::query_scalar::<_, i32>("SELECT status FROM device_commands")
-            .fetch_one(pool)
-            .await
-            .unwrap()
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while status().await != v1::CommandStatus::Accepted as i32 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "result not recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_status(
+        gw.registry.pool(),
+        &record.command_id,
+        v1::CommandStatus::Accepted,
+    )
+    .await;
     drop(device);
     let mut device = Device::connect(gw.addr, "elev-1", "elev-1", &secret)
         .connected()
@@ -421,13 +438,7 @@ async fn command_results_are_followed_again_after_their_consumer_is_deleted() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;
     let pool = gw.registry.pool();
-    sqlx::query(
-        "INSERT INTO device_commands (command_id, building_id, device_id, kind, requested_by, expires_at)
-         VALUES ('c-1', 'b1', 'elev-1', 'reboot', 'tech', now() + interval '1 hour')",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
+    insert_command(pool).await;
     let js = jetstream::new(nats.client().await.unwrap());
     let uplink = js.get_stream(UPLINK_STREAM.name).await.unwrap();
     // Wait for the follower's consumer, then an operator deletes it.
@@ -448,35 +459,15 @@ async fn command_results_are_followed_again_after_their_consumer_is_deleted() {
         .await
         .unwrap();
 
-    let mut result = v1::Envelope::decode(envelope("elev-1", 1).as_slice()).unwrap();
-    result.body = Some(v1::envelope::Body::CommandResult(v1::CommandResult {
-        command_id: "c-1".into(),
-        status: v1::CommandStatus::Succeeded as i32,
-        detail: "rebooted".into(),
-        output: None,
-    }));
     js.publish(
         "lw.v1.up.b1.elev-1.command-result",
-        result.encode_to_vec().into(),
+        command_result("c-1", v1::CommandStatus::Succeeded, "rebooted").into(),
     )
     .await
     .unwrap()
     .await
     .unwrap();
-    let status = || async {
-        sqlx::query_scalar::<_, i32>("SELECT status FROM device_commands WHERE command_id = 'c-1'")
-            .fetch_one(pool)
-            .await
-            .unwrap()
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while status().await != v1::CommandStatus::Succeeded as i32 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the result was never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_status(pool, "c-1", v1::CommandStatus::Succeeded).await;
     gw.stop().await;
 }
 
@@ -1121,16 +1112,19 @@ fn counter(gw: &Replica, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn after_a_nats_restart_retained_downlink_resumes_instead_of_replaying() {
-    let (mut nats, pg) = servers().await;
-    let gw = Replica::start(&nats, &pg, "gw-1").await;
-    let secret = provision(&gw, "b1", "screen-1", DeviceKind::Screen).await;
+/// Screen `screen-1` of b1, connected and subscribed to its building's downlink.
+async fn subscribed_screen(gw: &Replica) -> Device {
+    let secret = provision(gw, "b1", "screen-1", DeviceKind::Screen).await;
     let mut screen = Device::connect(gw.addr, "screen-1", "screen-1", &secret)
         .connected()
         .await;
     screen.subscribe("lw/v1/b1/_all/down/+").await;
-    let content = |version: u64| v1::Downlink {
+    screen
+}
+
+/// Version `version` of b1's notice for its screens.
+fn screen_content(version: u64) -> v1::Downlink {
+    v1::Downlink {
         message_id: format!("m-{version}"),
         issued_at: None,
         body: Some(v1::downlink::Body::ScreenContent(v1::ScreenContent {
@@ -1138,28 +1132,38 @@ async fn after_a_nats_restart_retained_downlink_resumes_instead_of_replaying() {
             version,
             ..Default::default()
         })),
-    };
-    let url = nats.url();
-    let store = |version: u64| {
-        let url = url.clone();
-        async move {
-            let js = jetstream::new(async_nats::connect(url).await.unwrap());
-            js.publish(
-                "lw.v1.down.b1._all.screen-content",
-                content(version).encode_to_vec().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        }
-    };
-    store(1).await;
+    }
+}
+
+/// Stores version `version` of b1's notice in `LW_RETAINED`.
+async fn store_screen_content(js: &jetstream::Context, version: u64) {
+    js.publish(
+        "lw.v1.down.b1._all.screen-content",
+        screen_content(version).encode_to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// Checks that the next message `screen` gets is version `version` of the notice.
+async fn expect_screen_content(screen: &mut Device, version: u64) {
     let (_, payload, _) = screen.message().await;
     assert_eq!(
         v1::Downlink::decode(payload.as_slice()).unwrap(),
-        content(1)
+        screen_content(version)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_nats_restart_retained_downlink_resumes_instead_of_replaying() {
+    let (mut nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let mut screen = subscribed_screen(&gw).await;
+    let js = jetstream::new(nats.client().await.unwrap());
+    store_screen_content(&js, 1).await;
+    expect_screen_content(&mut screen, 1).await;
 
     let opened = counter(&gw, "liftwire_gateway_retained_opens_total");
     nats.stop();
@@ -1177,12 +1181,8 @@ async fn after_a_nats_restart_retained_downlink_resumes_instead_of_replaying() {
     // Nothing delivered again (with a fleet, every device's content and watermark would be)...
     assert!(screen.quiet_for(Duration::from_millis(500)).await);
     // ...and what is new still comes.
-    store(2).await;
-    let (_, payload, _) = screen.message().await;
-    assert_eq!(
-        v1::Downlink::decode(payload.as_slice()).unwrap(),
-        content(2)
-    );
+    store_screen_content(&jetstream::new(nats.client().await.unwrap()), 2).await;
+    expect_screen_content(&mut screen, 2).await;
     gw.stop().await;
 }
 
@@ -1190,41 +1190,11 @@ async fn after_a_nats_restart_retained_downlink_resumes_instead_of_replaying() {
 async fn retained_downlink_follows_a_stream_created_again_from_its_start() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;
-    let secret = provision(&gw, "b1", "screen-1", DeviceKind::Screen).await;
-    let mut screen = Device::connect(gw.addr, "screen-1", "screen-1", &secret)
-        .connected()
-        .await;
-    screen.subscribe("lw/v1/b1/_all/down/+").await;
+    let mut screen = subscribed_screen(&gw).await;
     let js = jetstream::new(nats.client().await.unwrap());
-    let content = |version: u64| v1::Downlink {
-        message_id: format!("m-{version}"),
-        issued_at: None,
-        body: Some(v1::downlink::Body::ScreenContent(v1::ScreenContent {
-            content_id: "notice-1".into(),
-            version,
-            ..Default::default()
-        })),
-    };
-    let store = |version: u64| {
-        let js = js.clone();
-        async move {
-            js.publish(
-                "lw.v1.down.b1._all.screen-content",
-                content(version).encode_to_vec().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        }
-    };
     for version in 1..=3 {
-        store(version).await;
-        let (_, payload, _) = screen.message().await;
-        assert_eq!(
-            v1::Downlink::decode(payload.as_slice()).unwrap(),
-            content(version)
-        );
+        store_screen_content(&js, version).await;
+        expect_screen_content(&mut screen, version).await;
     }
 
     // An operator wipes the stream and declares it again, NATS staying up: sequences restart.
@@ -1238,12 +1208,8 @@ async fn retained_downlink_follows_a_stream_created_again_from_its_start() {
     ensure_stream(&js, &liftwire_proto::naming::RETAINED_STREAM, &config)
         .await
         .unwrap();
-    store(4).await;
-    let (_, payload, _) = screen.message().await;
-    assert_eq!(
-        v1::Downlink::decode(payload.as_slice()).unwrap(),
-        content(4)
-    );
+    store_screen_content(&js, 4).await;
+    expect_screen_content(&mut screen, 4).await;
     gw.stop().await;
 }
 
