@@ -946,17 +946,11 @@ async fn shutdown_stops_accepting_and_flushes_accepted_messages() {
             .await;
     }
     // Wait until the gateway has read all 50 (they are acknowledged), then stop it.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !gw
-        .metrics()
-        .contains("liftwire_gateway_uplink_messages_total{kind=\"event\"} 50")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "messages never bridged"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("messages bridged", || {
+        gw.metrics()
+            .contains("liftwire_gateway_uplink_messages_total{kind=\"event\"} 50")
+    })
+    .await;
     let addr = gw.addr;
     let stopped = tokio::time::Instant::now();
     gw.stop().await;
@@ -1345,14 +1339,7 @@ async fn failed_publishes_wait_out_one_backoff_together_not_one_backoff_each() {
                 .is_some_and(|v| v >= n)
         })
     };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !failed(SENT) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the messages never all failed once"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the messages all failed once", || failed(SENT)).await;
 
     // Back: everything is stored within one backoff (at most 5 s), not one backoff per message.
     let config = NatsConfig {
@@ -1496,17 +1483,12 @@ async fn a_device_sending_garbage_while_dead_letters_go_unanswered_holds_up_nobo
         bad.publish("lw/v1/b1/elev-bad/up/event", vec![0xff, 0x01, 0x02])
             .await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !gw
-        .metrics()
-        .contains("liftwire_gateway_uplink_rejects_total{reason=\"decode\"} 5")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the garbage was never all rejected: its dead letters were stored one after another"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Not all rejected in time: its dead letters were stored one after another.
+    until("the garbage all rejected", || {
+        gw.metrics()
+            .contains("liftwire_gateway_uplink_rejects_total{reason=\"decode\"} 5")
+    })
+    .await;
     let good = Device::connect(gw.addr, "elev-good", "elev-good", &good)
         .connected()
         .await;
