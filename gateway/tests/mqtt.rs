@@ -1029,21 +1029,9 @@ async fn commands_flow_while_the_retained_stream_is_unavailable() {
     js.delete_stream(liftwire_proto::naming::RETAINED_STREAM.name)
         .await
         .unwrap();
-    nats.stop();
-    until("the gateway notices NATS is gone", || {
-        gw.ctx.readiness.not_ready().contains(&"nats")
-    })
-    .await;
-    // An outage of a few of the downlink's connection checks (every 250 ms), so that it opens
-    // its retained consumers again once NATS is back.
-    tokio::time::sleep(Duration::from_millis(750)).await;
-    nats.restart().unwrap();
+    nats_outage(&mut nats, &gw).await;
     until("the gateway fails to open the retained consumers", || {
-        gw.metrics().lines().any(|l| {
-            l.strip_prefix("liftwire_gateway_retained_open_failures_total ")
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|v| v >= 1)
-        })
+        counter(&gw, "liftwire_gateway_retained_open_failures_total") >= 1
     })
     .await;
 
@@ -1098,7 +1086,19 @@ async fn commands_flow_while_the_retained_stream_is_unavailable() {
     gw.stop().await;
 }
 
-/// A counter of the gateway's metrics (0 when absent).
+/// Stops NATS until `gw` has noticed, for a few of its downlink's connection checks (every
+/// 250 ms), so that it opens its retained consumers again once NATS is back; then restarts it.
+async fn nats_outage(nats: &mut liftwire_testkit::Nats, gw: &Replica) {
+    nats.stop();
+    until("the gateway notices NATS is gone", || {
+        gw.ctx.readiness.not_ready().contains(&"nats")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(750)).await;
+    nats.restart().unwrap();
+}
+
+/// The value of one of the gateway's metrics (0 when absent).
 fn counter(gw: &Replica, name: &str) -> u64 {
     gw.metrics()
         .lines()
@@ -1160,14 +1160,7 @@ async fn after_a_nats_restart_retained_downlink_resumes_instead_of_replaying() {
     expect_screen_content(&mut screen, 1).await;
 
     let opened = counter(&gw, "liftwire_gateway_retained_opens_total");
-    nats.stop();
-    until("the gateway notices NATS is gone", || {
-        gw.ctx.readiness.not_ready().contains(&"nats")
-    })
-    .await;
-    // An outage of a few of the downlink's connection checks (every 250 ms).
-    tokio::time::sleep(Duration::from_millis(750)).await;
-    nats.restart().unwrap();
+    nats_outage(&mut nats, &gw).await;
     until("the retained consumers opened again", || {
         counter(&gw, "liftwire_gateway_retained_opens_total") > opened
     })
@@ -1332,14 +1325,10 @@ async fn failed_publishes_wait_out_one_backoff_together_not_one_backoff_each() {
             .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", seq))
             .await;
     }
-    let failed = |n: u64| {
-        gw.metrics().lines().any(|l| {
-            l.strip_prefix("liftwire_gateway_jetstream_retries_total ")
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|v| v >= n)
-        })
-    };
-    until("the messages all failed once", || failed(SENT)).await;
+    until("the messages all failed once", || {
+        counter(&gw, "liftwire_gateway_jetstream_retries_total") >= SENT
+    })
+    .await;
 
     // Back: everything is stored within one backoff (at most 5 s), not one backoff per message.
     let config = NatsConfig {
@@ -1383,21 +1372,15 @@ async fn presence_changes_jetstream_refused_are_kept_and_stored_once_it_is_back(
         .connected()
         .await;
     left.client.disconnect().await.unwrap();
-    let value = |metric: &str| {
-        gw.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(metric)?.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
     until("elev-2 gone", &|| {
-        value("liftwire_gateway_connections ") == 1
+        counter(&gw, "liftwire_gateway_connections") == 1
     })
     .await;
     // Two more rounds of refusals (both devices' latest changes each): elev-2's offline is
     // among the kept changes by now.
-    let refused = value("liftwire_gateway_presence_failures_total ");
+    let refused = counter(&gw, "liftwire_gateway_presence_failures_total");
     until("changes refused and kept", || {
-        value("liftwire_gateway_presence_failures_total ") >= refused + 4
+        counter(&gw, "liftwire_gateway_presence_failures_total") >= refused + 4
     })
     .await;
 
