@@ -105,8 +105,6 @@ struct Cached {
 pub struct Change {
     /// The device.
     pub device_id: String,
-    /// Whether it is now revoked.
-    pub revoked: bool,
     /// When it changed.
     pub updated_at: DateTime<Utc>,
 }
@@ -210,17 +208,16 @@ impl Registry {
 
     /// Devices changed (rotated or revoked) after `since`, oldest first.
     pub async fn changes_since(&self, since: DateTime<Utc>) -> Result<Vec<Change>, sqlx::Error> {
-        let rows: Vec<(String, bool, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT device_id, revoked_at IS NOT NULL, updated_at FROM devices WHERE updated_at > $1 ORDER BY updated_at",
+        let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT device_id, updated_at FROM devices WHERE updated_at > $1 ORDER BY updated_at",
         )
         .bind(since)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(device_id, revoked, updated_at)| Change {
+            .map(|(device_id, updated_at)| Change {
                 device_id,
-                revoked,
                 updated_at,
             })
             .collect())
