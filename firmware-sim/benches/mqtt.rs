@@ -19,7 +19,9 @@
 //! * **gateway**: the liftwire gateway (this benchmark's own binary re-executed as the gateway,
 //!   same library and release profile as `liftwire-gateway`) with device authentication against
 //!   its PostgreSQL registry, in front of a plain nats-server with JetStream; observed on the
-//!   bridged subjects and, once stored, in the `LW_UPLINK` stream. Both share the SUT cores.
+//!   bridged subjects and, once stored, in the `LW_UPLINK` stream. Both share the SUT cores. It
+//!   traces a share `--trace-sample-ratio` (default 0.01) of device messages, as a deployment at
+//!   these rates would; its spans go to no exporter.
 //!
 //! Workload: `liftwire-firmware-sim`'s load mode (see `load.rs`): N devices, one connection each,
 //! ~200-byte telemetry envelopes, open loop at a fixed total rate, latency from the scheduled
@@ -61,7 +63,7 @@ use tokio_util::sync::CancellationToken;
 const USAGE: &str = "usage: cargo bench -p liftwire-firmware-sim --bench mqtt -- \
     [--devices 100,1000] [--rates 10000,20000,30000,40000,60000,80000,100000] [--qos 0,1] [--seconds 2] [--repeat 2] \
     [--systems raw,mosquitto,native,gateway] [--storm 1000 (0: no storm)] [--payload-bytes 200] \
-    [--sut-cpus 0] [--load-cpus 1]";
+    [--sut-cpus 0] [--load-cpus 1] [--trace-sample-ratio 0.01]";
 
 /// The building all benchmark devices belong to.
 const BUILDING: &str = "bench";
@@ -118,6 +120,8 @@ struct Args {
     payload_bytes: usize,
     sut_cpus: String,
     load_cpus: String,
+    /// The gateway's `trace_sample_ratio`: the share of device messages it traces.
+    trace_sample_ratio: f64,
 }
 
 /// Why the command line was not run: help was asked for, or an argument is wrong.
@@ -154,6 +158,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, ArgsError>
         payload_bytes: 200,
         sut_cpus: "0".into(),
         load_cpus: "1".into(),
+        trace_sample_ratio: 0.01,
     };
     while let Some(flag) = args.next() {
         // cargo bench passes --bench to harness-less benchmarks.
@@ -185,6 +190,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, ArgsError>
             "--payload-bytes" => parsed.payload_bytes = parse(&flag, &value)?,
             "--sut-cpus" => parsed.sut_cpus = value,
             "--load-cpus" => parsed.load_cpus = value,
+            "--trace-sample-ratio" => parsed.trace_sample_ratio = parse(&flag, &value)?,
             _ => return Err(ArgsError::Invalid(format!("unknown argument {flag}"))),
         }
     }
@@ -314,6 +320,8 @@ impl Sut {
 /// What every system needs.
 struct Env {
     sut_cpus: String,
+    /// The gateway's `trace_sample_ratio`.
+    trace_sample_ratio: f64,
     nats_server: PathBuf,
     mosquitto: Option<PathBuf>,
     /// The gateway's registry database and the provisioned secrets.
@@ -480,12 +488,12 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
                 &config,
                 format!(
                     "gateway_id = \"bench\"\n\
-                     [runtime.observability]\nlog_filter = \"warn\"\n\
+                     [runtime.observability]\nlog_filter = \"warn\"\ntrace_sample_ratio = {:?}\n\
                      [nats]\nurl = \"{url}\"\n\
                      [database]\nurl = \"{}\"\n\
                      [mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
                      rate_limit_per_second = 1000000.0\nrate_limit_burst = 1000000.0\n",
-                    env.registry_url
+                    env.trace_sample_ratio, env.registry_url
                 ),
             )
             .unwrap();
@@ -934,6 +942,7 @@ async fn bench(args: Args, pinned: bool) {
     pool.close().await;
     let env = Env {
         sut_cpus: args.sut_cpus.clone(),
+        trace_sample_ratio: args.trace_sample_ratio,
         nats_server: nats_server.clone(),
         mosquitto: mosquitto.clone(),
         registry_url,
@@ -961,8 +970,12 @@ async fn bench(args: Args, pinned: bool) {
             .map_or("mosquitto not installed".into(), |m| version(m, "-h"))
     );
     println!(
-        "- workload: {:?} devices, {}-byte telemetry envelopes, rates {:?} msg/s for {} s each after a 1 s warm-up, {} repetition(s)\n",
+        "- workload: {:?} devices, {}-byte telemetry envelopes, rates {:?} msg/s for {} s each after a 1 s warm-up, {} repetition(s)",
         args.devices, args.payload_bytes, args.rates, args.seconds, args.repeat
+    );
+    println!(
+        "- the gateway traces a share {} of device messages (`trace_sample_ratio`; no exporter)\n",
+        args.trace_sample_ratio
     );
 
     let mut points: Vec<Point> = Vec::new();

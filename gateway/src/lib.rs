@@ -36,6 +36,7 @@ use liftwire_proto::naming::{DEAD_LETTER_STREAM, PRESENCE_STREAM, RETAINED_STREA
 use liftwire_runtime::admin::ReadinessCheck;
 use liftwire_runtime::database::DatabaseConfig;
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
+use liftwire_runtime::observability::HeadSampler;
 use liftwire_runtime::service::{BoxError, BuildContext, Service};
 use liftwire_runtime::RuntimeConfig;
 use rumqttd::local::{LinkRx, LinkTx};
@@ -358,6 +359,7 @@ impl Service for Gateway {
                 config.mqtt.rate_limit_per_second,
                 config.mqtt.rate_limit_burst,
             ),
+            HeadSampler::new(config.runtime.observability.trace_sample_ratio),
         ));
 
         let router = RouterConfig {

@@ -265,7 +265,15 @@ impl<P: Protocol> Protocol for Guard<P> {
                 if !self.conn().bucket.take(rate, burst) {
                     self.drop_uplink("rate_limited");
                 } else {
-                    let span = tracing::info_span!("mqtt_ingress", device = %session.identity.device, kind = uplink.kind.as_str());
+                    // Every device message starts its own trace (not a child of the
+                    // connection's span, which would put a connection's messages in one trace
+                    // and make them share one sampling decision). Head sampling: a message left
+                    // out of tracing costs no span at all.
+                    let span = if self.shared.trace_sampler.sample() {
+                        tracing::info_span!(parent: None, "mqtt_ingress", device = %session.identity.device, kind = uplink.kind.as_str(), sampling.priority = 1)
+                    } else {
+                        tracing::Span::none()
+                    };
                     let incoming = Incoming {
                         identity: session.identity.clone(),
                         uplink,

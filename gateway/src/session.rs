@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use liftwire_proto::naming::{BuildingId, DeviceId, Uplink};
 use liftwire_proto::v1::{DisconnectReason, PresenceState};
+use liftwire_runtime::observability::HeadSampler;
 use tokio::sync::mpsc;
 
 use crate::acl::Identity;
@@ -43,7 +44,8 @@ pub struct Incoming {
     pub qos: u8,
     /// When the gateway read it.
     pub received: Instant,
-    /// The span started at MQTT ingress; its context travels in NATS headers.
+    /// The span started at MQTT ingress, its context travels in NATS headers; `Span::none()` for
+    /// a message head sampling left out of tracing.
     pub span: tracing::Span,
 }
 
@@ -88,6 +90,9 @@ pub struct Shared {
     pub rate_limit: (f64, f64),
     /// Set when the gateway drains: new publishes are refused so devices resend elsewhere.
     pub draining: AtomicBool,
+    /// Which device messages start a recorded trace (`trace_sample_ratio`); the others get no
+    /// span, only a `traceparent` saying they are not sampled.
+    pub trace_sampler: HeadSampler,
 }
 
 impl Shared {
@@ -98,6 +103,7 @@ impl Shared {
         subscribed: mpsc::Sender<(BuildingId, DeviceId)>,
         metrics: Metrics,
         rate_limit: (f64, f64),
+        trace_sampler: HeadSampler,
     ) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
@@ -107,6 +113,7 @@ impl Shared {
             metrics,
             rate_limit,
             draining: AtomicBool::new(false),
+            trace_sampler,
         }
     }
 
@@ -231,6 +238,7 @@ mod tests {
             subscribed,
             Metrics::register(&mut prometheus_client::registry::Registry::default()),
             (1.0, 1.0),
+            HeadSampler::new(1.0),
         )
     }
 

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use liftwire_proto::naming::{dead_letter_subject, uplink_msg_id, UplinkKind};
 use liftwire_proto::text::nul_in_text;
 use liftwire_proto::{v1, Message, SCHEMA_VERSION};
-use liftwire_runtime::observability::inject_trace_context;
+use liftwire_runtime::observability::{inject_trace_context, inject_unsampled_trace_context};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -272,7 +272,11 @@ async fn publish(js: &jetstream::Context, pending: Pending) -> PublishResult {
         async_nats::header::NATS_MESSAGE_ID,
         uplink_msg_id(&pending.incoming.identity.device, pending.seq).as_str(),
     );
-    inject_trace_context(&pending.incoming.span, &mut headers);
+    if pending.incoming.span.is_none() {
+        inject_unsampled_trace_context(&mut headers);
+    } else {
+        inject_trace_context(&pending.incoming.span, &mut headers);
+    }
     let subject = pending.incoming.uplink.nats_subject();
     let sent: Result<PublishAckFuture, _> = js
         .publish_with_headers(subject, headers, pending.incoming.payload.clone())

@@ -119,6 +119,60 @@ async fn device_uplink_lands_in_jetstream_attributed_and_deduplicated() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn each_device_message_is_head_sampled_and_the_decision_travels_in_its_traceparent() {
+    common::tracing_with_opentelemetry();
+    let (nats, pg) = servers().await;
+    let replica = |name, ratio| {
+        Replica::start_with_config(&nats, &pg, name, move |config| {
+            config.runtime.observability.trace_sample_ratio = ratio;
+        })
+    };
+    let never = replica("gw-never", 0.0).await;
+    let always = replica("gw-always", 1.0).await;
+    let mut devices = Vec::new();
+    for (gw, device) in [(&never, "elev-1"), (&always, "elev-2")] {
+        let secret = provision(gw, "b1", device, DeviceKind::Elevator).await;
+        let client = Device::connect(gw.addr, device, device, &secret)
+            .connected()
+            .await;
+        for seq in 1..=3 {
+            client
+                .publish(
+                    &format!("lw/v1/b1/{device}/up/event"),
+                    envelope(device, seq),
+                )
+                .await;
+        }
+        devices.push(client);
+    }
+
+    let js = jetstream::new(nats.client().await.unwrap());
+    let stored = stream_messages(&js, UPLINK_STREAM.name, 6).await;
+    assert_eq!(stored.len(), 6);
+    let mut trace_ids = std::collections::HashSet::new();
+    for message in &stored {
+        let traceparent = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .unwrap_or_else(|| panic!("{} has no traceparent", message.subject))
+            .to_string();
+        let fields: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(fields.len(), 4, "{traceparent}");
+        let expected = if message.subject.as_str().contains("elev-1") {
+            "00"
+        } else {
+            "01"
+        };
+        assert_eq!(fields[3], expected, "{}: {traceparent}", message.subject);
+        trace_ids.insert(fields[1].to_owned());
+    }
+    assert_eq!(trace_ids.len(), 6, "one trace per device message");
+    never.stop().await;
+    always.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_credentials_unknown_and_reserved_ids_are_refused_and_counted() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;

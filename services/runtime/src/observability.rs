@@ -3,10 +3,15 @@
 //! a device message through the gateway, NATS and the services.
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{
+    Link, SamplingDecision, SamplingResult, SpanKind, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry::{KeyValue, Value};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SdkTracerProvider, ShouldSample,
+};
 use opentelemetry_sdk::Resource;
 use serde::Deserialize;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -56,10 +61,97 @@ impl Default for ObservabilityConfig {
     }
 }
 
-/// Head sampling: a trace started here is kept with probability `ratio`; a trace continued from
-/// a caller keeps the caller's decision.
+/// Head sampling: a trace started here is kept with probability `ratio`, unless its root span
+/// says its creator already decided to keep it ([`SAMPLING_PRIORITY`] above 0, see
+/// [`HeadSampler`]); a trace continued from a caller keeps the caller's decision.
 pub fn sampler(ratio: f64) -> Sampler {
-    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+    Sampler::ParentBased(Box::new(RootSampler {
+        ratio: Sampler::TraceIdRatioBased(ratio),
+    }))
+}
+
+/// Span field by which the code that starts a trace says it already sampled it (the OpenTracing
+/// convention): `tracing::info_span!("mqtt_ingress", sampling.priority = 1)`.
+pub const SAMPLING_PRIORITY: &str = "sampling.priority";
+
+/// Decides for root spans: the creator's decision if the span carries one, the ratio otherwise.
+#[derive(Debug, Clone)]
+struct RootSampler {
+    ratio: Sampler,
+}
+
+impl ShouldSample for RootSampler {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let decided = attributes.iter().any(|kv| {
+            kv.key.as_str() == SAMPLING_PRIORITY && matches!(kv.value, Value::I64(p) if p > 0)
+        });
+        if decided {
+            return SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            };
+        }
+        self.ratio
+            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+    }
+}
+
+/// The sampling decision for a hot path that starts traces (the gateway, once per device
+/// message), taken before any span exists: a message that is not sampled costs no span at all,
+/// only a `traceparent` saying so ([`inject_unsampled_trace_context`]). A sampled one gets a span
+/// with [`SAMPLING_PRIORITY`] 1, which the tracer then keeps, so the configured ratio applies
+/// once, not twice.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadSampler {
+    ratio: f64,
+}
+
+impl HeadSampler {
+    /// Keeps a share `ratio` (0.0–1.0, as `trace_sample_ratio`) of the traces it is asked about.
+    pub fn new(ratio: f64) -> Self {
+        Self { ratio }
+    }
+
+    /// Whether to trace the next message.
+    pub fn sample(&self) -> bool {
+        if self.ratio >= 1.0 {
+            true
+        } else if self.ratio <= 0.0 {
+            false
+        } else {
+            rand::random::<f64>() < self.ratio
+        }
+    }
+}
+
+/// Writes a W3C `traceparent` with fresh ids and the sampled flag off into NATS `headers`, for a
+/// message [`HeadSampler`] did not sample: every service down the line follows the decision and
+/// records nothing, where without the header each would start (and sample) a trace of its own.
+pub fn inject_unsampled_trace_context(headers: &mut async_nats::HeaderMap) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let ids = RandomIdGenerator::default();
+    let trace_id = u128::from_be_bytes(ids.new_trace_id().to_bytes());
+    let span_id = u64::from_be_bytes(ids.new_span_id().to_bytes());
+    // version "00", 32 hex digits of trace id, 16 of span id, flags "00".
+    let mut value = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    for (i, digit) in value[3..35].iter_mut().enumerate() {
+        *digit = HEX[((trace_id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    for (i, digit) in value[36..52].iter_mut().enumerate() {
+        *digit = HEX[((span_id >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    // All bytes come from `HEX` and the ASCII template.
+    let value = std::str::from_utf8(&value).unwrap_or_default();
+    headers.insert("traceparent", value);
 }
 
 /// Why tracing could not be set up.
@@ -135,8 +227,13 @@ pub fn init(
     opentelemetry::global::set_tracer_provider(provider.clone());
     // Spans are traced at INFO and above whatever the log filter says, so quiet logs do not
     // break traces; the log filter only decides what is printed.
+    // No busy/idle timings (kept up on every enter and exit of every span, rumqttd's
+    // per-connection spans included: a cost on every poll of every connection) and no thread
+    // names (async work moves between threads; the names say nothing).
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer(service))
+        .with_tracked_inactivity(false)
+        .with_threads(false)
         .with_filter(LevelFilter::INFO);
     let registry = tracing_subscriber::registry().with(otel);
     match config.log_format {
@@ -294,5 +391,63 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn a_head_sampling_decision_is_kept_whatever_the_ratio() {
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(sampler(0.0))
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let decided = tracing::info_span!("mqtt_ingress", sampling.priority = 1);
+            assert!(sampled(&decided), "the creator's decision stands");
+            let mut headers = async_nats::HeaderMap::new();
+            inject_trace_context(&decided, &mut headers);
+            let ingest = tracing::info_span!("ingest");
+            adopt_trace_context(&ingest, &headers);
+            assert!(sampled(&ingest), "and travels down the line");
+            let undecided = tracing::info_span!("mqtt_ingress", sampling.priority = 0);
+            assert!(!sampled(&undecided), "priority 0 leaves it to the ratio");
+        });
+    }
+
+    #[test]
+    fn an_unsampled_traceparent_is_valid_fresh_and_followed() {
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(sampler(1.0))
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let mut ids = Vec::new();
+            for _ in 0..2 {
+                let mut headers = async_nats::HeaderMap::new();
+                inject_unsampled_trace_context(&mut headers);
+                let value = headers.get("traceparent").expect("traceparent").to_string();
+                let parts: Vec<&str> = value.split('-').collect();
+                assert_eq!(parts.len(), 4, "{value}");
+                assert_eq!((parts[0], parts[3]), ("00", "00"), "{value}");
+                assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{value}");
+                let ingest = tracing::info_span!("ingest");
+                adopt_trace_context(&ingest, &headers);
+                assert!(!sampled(&ingest), "ratio 1.0 yields to the head's no");
+                assert_eq!(trace_id(&ingest).to_string(), parts[1], "the trace goes on");
+                ids.push(parts[1].to_owned());
+            }
+            assert_ne!(ids[0], ids[1], "every message gets its own trace id");
+        });
+    }
+
+    #[test]
+    fn head_sampler_keeps_about_its_share() {
+        assert!((0..100).all(|_| HeadSampler::new(1.0).sample()));
+        assert!((0..100).all(|_| !HeadSampler::new(0.0).sample()));
+        let kept = (0..10_000)
+            .filter(|_| HeadSampler::new(0.1).sample())
+            .count();
+        // Binomial(10000, 0.1): mean 1000, standard deviation 30; ±200 is over 6 of them.
+        assert!((800..=1200).contains(&kept), "{kept}");
     }
 }
