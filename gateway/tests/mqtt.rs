@@ -173,6 +173,65 @@ async fn each_device_message_is_head_sampled_and_the_decision_travels_in_its_tra
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn keep_alive_closes_a_silent_device_and_spares_one_that_pings() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PINGRESP: [u8; 2] = [0xD0, 0x00];
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let mut streams = Vec::new();
+    for device in ["elev-1", "elev-2"] {
+        let secret = provision(&gw, "b1", device, DeviceKind::Elevator).await;
+        let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        // Keep-alive 1 s: the gateway may close after 1.5 s without a packet.
+        stream
+            .write_all(&mqtt::connect(device, Some((device, &secret)), 1))
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut connack))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(connack, mqtt::CONNACK_ACCEPTED);
+        streams.push(stream);
+    }
+    let (mut silent, mut pinging) = (streams.remove(0), streams.remove(0));
+    let started = std::time::Instant::now();
+    let mut ping = tokio::time::interval(Duration::from_millis(400));
+    let pong = async |pinging: &mut tokio::net::TcpStream| {
+        pinging.write_all(&mqtt::PINGREQ).await.unwrap();
+        let mut answer = [0u8; 2];
+        tokio::time::timeout(WAIT, pinging.read_exact(&mut answer))
+            .await
+            .expect("the pinging device is answered")
+            .unwrap();
+        assert_eq!(answer, PINGRESP);
+    };
+    tokio::time::timeout(WAIT, async {
+        let mut byte = [0u8; 1];
+        loop {
+            tokio::select! {
+                read = silent.read(&mut byte) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => panic!("the silent device was sent {byte:?}"),
+                },
+                _ = ping.tick() => pong(&mut pinging).await,
+            }
+        }
+    })
+    .await
+    .expect("the silent device is closed");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed after {waited:?}, before 1.5 × its keep-alive"
+    );
+    // Connected longer than its keep-alive, and still served.
+    pong(&mut pinging).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_credentials_unknown_and_reserved_ids_are_refused_and_counted() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;

@@ -1,14 +1,12 @@
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    time::timeout,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use std::{
     collections::VecDeque,
     io::{self, ErrorKind},
+    pin::Pin,
 };
-use tokio::time::{error::Elapsed, Duration};
+use tokio::time::{Duration, Instant, Sleep};
 
 use crate::protocol::{self, Packet, Protocol};
 
@@ -19,7 +17,7 @@ pub enum Error {
     #[error("Invalid data = {0}")]
     Protocol(#[from] protocol::Error),
     #[error["Keep alive timeout"]]
-    KeepAlive(#[from] Elapsed),
+    KeepAlive,
 }
 
 /// Network transforms packets <-> frames efficiently. It takes
@@ -38,12 +36,27 @@ pub struct Network<P> {
     max_connection_buffer_len: usize,
     /// Keep alive timeout
     keepalive: Duration,
+    /// liftwire patch: when bytes last arrived. The keep-alive timer below is armed once and
+    /// moved on only when it fires early, instead of a new timer per packet read.
+    last_read: Instant,
+    /// liftwire patch: fires at the earliest moment the keep-alive may have run out.
+    keepalive_timer: Pin<Box<Sleep>>,
     /// Protocol
     protocol: P,
 }
 
 /// liftwire patch: initial size of a connection's read buffer.
 const INITIAL_READ_BUFFER: usize = 1024;
+
+/// liftwire patch: free room made in the read buffer before each read. With a nearly full
+/// buffer `read_buf` reads as little as 64 bytes, and a packet then costs several reads (and
+/// system calls); a read that fills the room also costs one more read that finds nothing.
+const READ_ROOM: usize = 1024;
+
+/// liftwire patch: a far deadline for a timer that must not fire (no keep-alive set yet).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
 
 impl<P: Protocol> Network<P> {
     pub fn new(
@@ -65,6 +78,8 @@ impl<P: Protocol> Network<P> {
             // would wait indefinitely until we get a packet / network error
             // when we call read.
             keepalive: Duration::MAX,
+            last_read: Instant::now(),
+            keepalive_timer: Box::pin(tokio::time::sleep_until(far_future())),
             protocol,
         }
     }
@@ -72,32 +87,19 @@ impl<P: Protocol> Network<P> {
     pub fn set_keepalive(&mut self, keepalive: u16) {
         let keepalive = Duration::from_secs(keepalive as u64);
         self.keepalive = keepalive + keepalive.mul_f32(0.5);
+        self.last_read = Instant::now();
+        let deadline = self.deadline();
+        self.keepalive_timer.as_mut().reset(deadline);
     }
 
-    /// Reads more than 'required' bytes to frame a packet into self.read buffer
-    async fn read_bytes(&mut self, required: usize) -> io::Result<usize> {
-        // TODO: Fix this cancellation bug and write unit test
-        let mut total_read = 0;
-        loop {
-            let read = self.socket.read_buf(&mut self.read).await?;
-            if 0 == read {
-                let error = if self.read.is_empty() {
-                    io::Error::new(ErrorKind::ConnectionAborted, "connection closed by peer")
-                } else {
-                    io::Error::new(ErrorKind::ConnectionReset, "connection reset by peer")
-                };
-
-                return Err(error);
-            }
-
-            total_read += read;
-            if total_read >= required {
-                return Ok(total_read);
-            }
-        }
+    /// liftwire patch: when the keep-alive runs out if nothing arrives before.
+    fn deadline(&self) -> Instant {
+        self.last_read
+            .checked_add(self.keepalive)
+            .unwrap_or_else(far_future)
     }
 
-    /// Waits on network for 1 packet
+    /// Waits on network for 1 packet. Cancel safe: bytes already read stay in the buffer.
     pub async fn read(&mut self) -> Result<Packet, Error> {
         loop {
             let required = match Protocol::read_mut(
@@ -110,9 +112,22 @@ impl<P: Protocol> Network<P> {
                 Err(e) => return Err(e.into()),
             };
 
-            // read more packets until a frame can be created. This function
-            // blocks until a frame can be created. Use this in a select! branch
-            timeout(self.keepalive, self.read_bytes(required)).await??;
+            // liftwire patch: one read, then parse again (a packet may now be whole), under a
+            // keep-alive timer that lives as long as the connection.
+            tokio::select! {
+                biased;
+                read = read_some(&mut self.socket, &mut self.read, required) => {
+                    read?;
+                    self.last_read = Instant::now();
+                }
+                () = self.keepalive_timer.as_mut() => {
+                    let deadline = self.deadline();
+                    if Instant::now() >= deadline {
+                        return Err(Error::KeepAlive);
+                    }
+                    self.keepalive_timer.as_mut().reset(deadline);
+                }
+            }
         }
     }
 
@@ -149,6 +164,20 @@ impl<P: Protocol> Network<P> {
         self.protocol.handled(packet)
     }
 
+    /// liftwire patch: PUBACKs for `pkids`, in one write.
+    pub async fn write_pubacks(&mut self, pkids: &[u16]) -> Result<(), Error> {
+        for &pkid in pkids {
+            let ack = protocol::PubAck {
+                pkid,
+                reason: protocol::PubAckReason::Success,
+            };
+            Protocol::write(&self.protocol, Packet::PubAck(ack, None), &mut self.write)?;
+        }
+        self.socket.write_all(&self.write).await?;
+        self.write.clear();
+        Ok(())
+    }
+
     pub async fn writev(&mut self, packets: VecDeque<Packet>) -> Result<(), Error> {
         for packet in packets {
             Protocol::write(&self.protocol, packet, &mut self.write)?;
@@ -157,6 +186,21 @@ impl<P: Protocol> Network<P> {
         self.write.clear();
         Ok(())
     }
+}
+
+/// liftwire patch: reads once into `buffer`, with room for the `required` bytes at least.
+async fn read_some(socket: &mut Box<dyn N>, buffer: &mut BytesMut, required: usize) -> io::Result<usize> {
+    buffer.reserve(required.max(READ_ROOM));
+    let read = socket.read_buf(buffer).await?;
+    if 0 == read {
+        let error = if buffer.is_empty() {
+            io::Error::new(ErrorKind::ConnectionAborted, "connection closed by peer")
+        } else {
+            io::Error::new(ErrorKind::ConnectionReset, "connection reset by peer")
+        };
+        return Err(error);
+    }
+    Ok(read)
 }
 
 pub trait N: AsyncRead + AsyncWrite + Send + Unpin {}

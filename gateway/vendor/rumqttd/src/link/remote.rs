@@ -2,9 +2,7 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{
-    ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol, PubAck, PubAckReason, QoS,
-};
+use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol, QoS};
 use crate::router::{Event, Notification};
 use crate::{ConnectionId, ConnectionSettings};
 
@@ -60,6 +58,8 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// liftwire patch: packet ids of handled QoS 1 publishes awaiting their PUBACK.
+    acks: Vec<u16>,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -125,6 +125,7 @@ impl<P: Protocol> RemoteLink<P> {
             // liftwire patch: grows on first use.
             notifications: VecDeque::new(),
             will_delay_interval,
+            acks: Vec::new(),
         })
     }
 
@@ -137,37 +138,39 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
-                    let mut acks = VecDeque::new();
                     let (len, routed) = {
                         let mut buffer = self.link_tx.buffer();
                         let start = buffer.len();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
                         // liftwire patch: publishes the protocol layer handled skip the router
-                        // (no hop through its thread and back for every PUBACK).
-                        for packet in buffer.split_off(start) {
-                            let handled = match &packet {
-                                Packet::Publish(publish, _) if publish.qos != QoS::ExactlyOnce => self
-                                    .network
-                                    .handled(&packet)
-                                    .then_some((publish.qos, publish.pkid)),
+                        // (no hop through its thread and back for every PUBACK). Filtered in
+                        // place, and PUBACKs kept as packet ids: no allocation per read.
+                        let network = &self.network;
+                        let acks = &mut self.acks;
+                        let mut index = 0;
+                        buffer.retain(|packet| {
+                            index += 1;
+                            let handled = match packet {
+                                Packet::Publish(publish, _)
+                                    if index > start && publish.qos != QoS::ExactlyOnce =>
+                                {
+                                    network.handled(packet).then_some((publish.qos, publish.pkid))
+                                }
                                 _ => None,
                             };
-                            match handled {
-                                Some((QoS::AtLeastOnce, pkid)) => {
-                                    let ack = PubAck { pkid, reason: PubAckReason::Success };
-                                    acks.push_back(Packet::PubAck(ack, None));
-                                }
-                                Some(_) => {}
-                                None => buffer.push_back(packet),
+                            if let Some((QoS::AtLeastOnce, pkid)) = handled {
+                                acks.push(pkid);
                             }
-                        }
+                            handled.is_none()
+                        });
                         (buffer.len(), buffer.len() > start)
                     };
 
                     trace!("Packets read from network, count = {}", len);
-                    if !acks.is_empty() {
-                        self.network.writev(acks).await?;
+                    if !self.acks.is_empty() {
+                        self.network.write_pubacks(&self.acks).await?;
+                        self.acks.clear();
                     }
                     if routed {
                         self.link_tx.notify().await?;
