@@ -66,11 +66,17 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// Where devices upload files (presigned PUT URLs); without it, upload requests are refused.
     pub uploads: Option<uploads::UploadsConfig>,
-    /// Name of this replica in presence events and logs (defaults to the host name).
+    /// Name of this replica in presence events, heartbeats and logs: an identifier
+    /// (`[A-Za-z0-9_-]`, up to 64 bytes). Defaults to the host name's first label.
     pub gateway_id: String,
     /// How often NATS connectivity is checked for `/readyz`.
     #[serde(with = "humantime_serde")]
     pub readiness_interval: Duration,
+    /// How often this gateway tells telemetry it is alive (`lw.v1.gateway.{id}.heartbeat`);
+    /// well under telemetry's `presence.gateway_timeout`, after which the devices it reported
+    /// online are recorded offline.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for Config {
@@ -82,9 +88,12 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             uploads: None,
             gateway_id: std::fs::read_to_string("/etc/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "gateway".into()),
+                .ok()
+                .and_then(|h| h.trim().split('.').next().map(str::to_owned))
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "gateway".into()),
             readiness_interval: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(5),
         }
     }
 }
@@ -320,6 +329,11 @@ impl Service for Gateway {
     }
 
     async fn build(config: Config, ctx: &BuildContext) -> Result<Self, BoxError> {
+        // It names a NATS subject (heartbeats) and the NATS connection.
+        liftwire_proto::naming::gateway_heartbeat_subject(&config.gateway_id)?;
+        if config.heartbeat_interval.is_zero() {
+            return Err("heartbeat_interval must be above zero".into());
+        }
         let nats_ready = ctx.readiness.register("nats");
         let mqtt_ready = ctx.readiness.register("mqtt");
         let metrics = Metrics::register(&mut ctx.registry());
@@ -483,6 +497,12 @@ impl Service for Gateway {
             },
             tasks.child_token(),
         ));
+        let heartbeat = tokio::spawn(presence::heartbeat(
+            nats.clone(),
+            presence.clone(),
+            config.heartbeat_interval,
+            tasks.child_token(),
+        ));
         let presence = tokio::spawn(presence::run(
             presence,
             js.clone(),
@@ -627,6 +647,9 @@ impl Service for Gateway {
         ] {
             task.await.map_err(|e| format!("{name} task failed: {e}"))?;
         }
+        heartbeat
+            .await
+            .map_err(|e| format!("heartbeat task failed: {e}"))??;
         drop(shared);
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         // Bounded: with NATS gone, flushing would wait for a reconnect forever.

@@ -7,13 +7,17 @@
 //! came back is online, whatever came between): it never overflows, a long outage costs one entry
 //! per device, and an older change of a device is never stored after a newer one. Each change
 //! carries the time it happened, so telemetry orders changes from several gateways correctly.
+//!
+//! A gateway that crashes cannot report its devices offline. Every change names the gateway's
+//! run (new at every start), and the run sends a heartbeat every few seconds ([`heartbeat`]):
+//! when they stop, telemetry records the devices the run left online as offline.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use liftwire_proto::naming::presence_subject;
+use liftwire_proto::naming::{gateway_heartbeat_subject, presence_subject, NameError};
 use liftwire_proto::{v1, Message};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +33,8 @@ type Waiting = HashMap<String, v1::Presence>;
 pub struct PresenceBoard {
     /// This gateway's name in presence events.
     gateway_id: String,
+    /// This run of the gateway (random, new at every start).
+    gateway_run: String,
     /// Changes not yet handed to the publisher.
     waiting: Mutex<Waiting>,
     /// Wakes the publisher when a change is posted.
@@ -36,10 +42,11 @@ pub struct PresenceBoard {
 }
 
 impl PresenceBoard {
-    /// An empty board for the gateway `gateway_id`.
+    /// An empty board for a new run of the gateway `gateway_id`.
     pub fn new(gateway_id: String) -> Self {
         Self {
             gateway_id,
+            gateway_run: format!("{:016x}", rand::random::<u64>()),
             waiting: Mutex::new(Waiting::new()),
             posted: Notify::new(),
         }
@@ -58,6 +65,7 @@ impl PresenceBoard {
             reason: change.reason as i32,
             at: Some(liftwire_proto::timestamp(change.at)),
             gateway_id: self.gateway_id.clone(),
+            gateway_run: self.gateway_run.clone(),
         };
         let subject = presence_subject(&change.identity.building, &change.identity.device);
         self.waiting().insert(subject, message);
@@ -75,6 +83,11 @@ impl PresenceBoard {
         if let Entry::Vacant(slot) = self.waiting().entry(subject) {
             slot.insert(message);
         }
+    }
+
+    /// This run of the gateway, as named in its changes and heartbeats.
+    pub fn gateway_run(&self) -> &str {
+        &self.gateway_run
     }
 
     /// Changes waiting.
@@ -149,6 +162,37 @@ pub async fn run(
         tokio::time::timeout(settings.final_attempt, publish(&js, last, &board, &metrics)).await;
     if !matches!(stored, Ok(true)) {
         tracing::error!("presence changes not stored before shutdown");
+    }
+}
+
+/// Sends this run's heartbeat on core NATS every `interval` until `shutdown`. A lost heartbeat
+/// costs nothing (the next one follows); telemetry declares the run lost only after hearing
+/// nothing for its `presence.gateway_timeout`.
+pub async fn heartbeat(
+    nats: async_nats::Client,
+    board: std::sync::Arc<PresenceBoard>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), NameError> {
+    let subject = gateway_heartbeat_subject(&board.gateway_id)?;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        let beat = v1::GatewayHeartbeat {
+            gateway_id: board.gateway_id.clone(),
+            gateway_run: board.gateway_run.clone(),
+            at: Some(liftwire_proto::timestamp(std::time::SystemTime::now())),
+        };
+        if let Err(e) = nats
+            .publish(subject.clone(), beat.encode_to_vec().into())
+            .await
+        {
+            tracing::warn!(error = %e, "gateway heartbeat not sent");
+        }
     }
 }
 
@@ -242,6 +286,13 @@ mod tests {
             ),
             (PresenceState::Offline, 11, "gw-1"),
             "the latest change, stamped when it happened"
+        );
+        assert_eq!(elev1.gateway_run, board.gateway_run());
+        assert_eq!(board.gateway_run().len(), 16);
+        assert_ne!(
+            PresenceBoard::new("gw-1".into()).gateway_run(),
+            board.gateway_run(),
+            "every start is a new run"
         );
 
         // elev-1 came back while its offline was being published, and the publish failed.

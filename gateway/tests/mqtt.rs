@@ -173,6 +173,59 @@ async fn each_device_message_is_head_sampled_and_the_decision_travels_in_its_tra
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn each_gateway_run_names_itself_in_presence_and_sends_heartbeats_while_it_runs() {
+    let (nats, pg) = servers().await;
+    let client = nats.client().await.unwrap();
+    let mut beats = client
+        .subscribe("lw.v1.gateway.gw-1.heartbeat")
+        .await
+        .unwrap();
+    let mut presence = client.subscribe("lw.v1.presence.b1.elev-1").await.unwrap();
+    client.flush().await.unwrap();
+    let mut runs = Vec::new();
+    let mut secret = None;
+    for _ in 0..2 {
+        let gw = Replica::start_with_config(&nats, &pg, "gw-1", |config| {
+            config.heartbeat_interval = Duration::from_millis(100);
+        })
+        .await;
+        let secret = match &secret {
+            Some(secret) => secret,
+            None => secret.insert(provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await),
+        };
+        let device = Device::connect(gw.addr, "elev-1", "elev-1", secret)
+            .connected()
+            .await;
+        let next = async |subscriber: &mut async_nats::Subscriber| {
+            tokio::time::timeout(WAIT, subscriber.next())
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        let online = v1::Presence::decode(next(&mut presence).await.payload.as_ref()).unwrap();
+        assert_eq!(online.state(), v1::PresenceState::Online);
+        let beat = v1::GatewayHeartbeat::decode(next(&mut beats).await.payload.as_ref()).unwrap();
+        assert_eq!(beat.gateway_id, "gw-1");
+        assert_eq!(beat.gateway_run, online.gateway_run, "one run, named alike");
+        assert!(beat.at.is_some());
+        device.client.disconnect().await.unwrap();
+        let offline = v1::Presence::decode(next(&mut presence).await.payload.as_ref()).unwrap();
+        assert_eq!(offline.gateway_run, online.gateway_run);
+        gw.stop().await;
+        runs.push(online.gateway_run);
+    }
+    assert_ne!(runs[0], runs[1], "a restart is a new run");
+    // Stopped: the heartbeats stop too.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), beats.next()).await {}
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), beats.next())
+            .await
+            .is_err(),
+        "no heartbeat from a stopped gateway"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn keep_alive_closes_a_silent_device_and_spares_one_that_pings() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const PINGRESP: [u8; 2] = [0xD0, 0x00];

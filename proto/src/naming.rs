@@ -13,6 +13,7 @@
 //! building-wide    NATS  lw.v1.down.{building}._all.{kind}            (e.g. notices for all screens)
 //!                  MQTT  lw/v1/{building}/_all/down/{kind}
 //! presence         NATS  lw.v1.presence.{building}.{device}          (stream LW_PRESENCE)
+//! gateway liveness NATS  lw.v1.gateway.{gateway_id}.heartbeat
 //! live state       NATS  lw.v1.state.{building}.{device}              (telemetry → API)
 //! dead letters     NATS  lw.v1.dlq.{source}                           (stream LW_DLQ)
 //! alerts           NATS  lw.v1.alerts.{building}
@@ -428,6 +429,18 @@ pub const PRESENCE_FILTER: &str = "lw.v1.presence.>";
 /// Subject on which a gateway announces a device's presence change.
 pub fn presence_subject(building: &BuildingId, device: &DeviceId) -> String {
     format!("{NATS_ROOT}.presence.{building}.{device}")
+}
+
+/// The NATS subject filter covering every gateway heartbeat.
+pub const GATEWAY_HEARTBEAT_FILTER: &str = "lw.v1.gateway.*.heartbeat";
+
+/// Subject of gateway `gateway_id`'s heartbeats (core NATS, never stored).
+pub fn gateway_heartbeat_subject(gateway_id: &str) -> Result<String, NameError> {
+    validate_id(gateway_id).map_err(|source| NameError::Id {
+        field: "gateway_id",
+        source,
+    })?;
+    Ok(format!("{NATS_ROOT}.gateway.{gateway_id}.heartbeat"))
 }
 
 /// Subject of dead letters from `source` (a component name such as `gateway`).

@@ -48,6 +48,8 @@ pub struct Config {
     pub partitions: partitions::PartitionConfig,
     /// Alert rule thresholds.
     pub alerts: alerts::AlertConfig,
+    /// Presence: when a silent gateway's devices are recorded offline.
+    pub presence: presence::PresenceConfig,
 }
 
 /// The running service.
@@ -58,6 +60,7 @@ pub struct Telemetry {
     partitions: Arc<partitions::Partitions>,
     alerts: alerts::AlertConfig,
     presence: presence::Presence,
+    gateways: presence::GatewayWatch,
 }
 
 impl Service for Telemetry {
@@ -89,6 +92,8 @@ impl Service for Telemetry {
         .await?;
         let presence =
             presence::Presence::build(nats.clone(), &config.nats, pool.clone(), ctx).await?;
+        let gateways =
+            presence::GatewayWatch::build(nats.clone(), pool.clone(), &config.presence, ctx)?;
         Ok(Self {
             ingest,
             nats,
@@ -96,6 +101,7 @@ impl Service for Telemetry {
             partitions,
             alerts: config.alerts,
             presence,
+            gateways,
         })
     }
 
@@ -121,6 +127,7 @@ impl Service for Telemetry {
             self.ingest.run(shutdown.clone()),
             query::serve(queries, shutdown.clone()),
             self.presence.run(shutdown.clone()),
+            self.gateways.run(shutdown.clone()),
             background,
         )?;
         Ok(())

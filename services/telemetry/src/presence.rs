@@ -1,25 +1,52 @@
 //! Device presence from the gateways (`LW_PRESENCE`, `lw.v1.presence.<building>.<device>`): the
 //! `online` flag of the live state, and the device-offline alert, resolved as soon as the device
 //! is back.
+//!
+//! A gateway that crashes or is cut off cannot report its devices offline. Each change names
+//! the gateway run that observed it, every run sends heartbeats
+//! (`lw.v1.gateway.<id>.heartbeat`), and [`GatewayWatch`] records the devices a silent run left
+//! online as offline.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use liftwire_proto::naming::PRESENCE_STREAM;
+use liftwire_proto::naming::{GATEWAY_HEARTBEAT_FILTER, PRESENCE_STREAM};
 use liftwire_proto::{v1, Message};
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
 use liftwire_runtime::service::{BoxError, BuildContext};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{self, AlertChange};
 use crate::state::{datetime, AlertRule};
 
+/// `[presence]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// A gateway run not heard from for this long is lost: the devices it reported online are
+    /// recorded offline. Several of the gateways' `heartbeat_interval` (5 s by default).
+    #[serde(with = "humantime_serde")]
+    pub gateway_timeout: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            gateway_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Records one presence change; returns the alert change it causes, if any. Changes older than
-/// the recorded one are ignored (presence from several gateways can arrive out of order).
+/// the recorded one are ignored (presence from several gateways can arrive out of order), and so
+/// is an offline report from a gateway run that no longer holds the device: it reconnected
+/// through another gateway before the first one noticed the old connection was gone.
 pub async fn record(
     pool: &sqlx::PgPool,
     presence: &v1::Presence,
@@ -32,15 +59,18 @@ pub async fn record(
         .unwrap_or_else(Utc::now);
     let mut tx = pool.begin().await?;
     let applied = sqlx::query(
-        "INSERT INTO device_presence (device_id, building_id, online, at) VALUES ($1, $2, $3, $4)
+        "INSERT INTO device_presence (device_id, building_id, online, at, gateway_run)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (device_id) DO UPDATE SET online = EXCLUDED.online, at = EXCLUDED.at,
-             building_id = EXCLUDED.building_id
-         WHERE device_presence.at <= EXCLUDED.at",
+             building_id = EXCLUDED.building_id, gateway_run = EXCLUDED.gateway_run
+         WHERE device_presence.at <= EXCLUDED.at
+             AND (EXCLUDED.online OR device_presence.gateway_run IN (EXCLUDED.gateway_run, ''))",
     )
     .bind(&presence.device_id)
     .bind(&presence.building_id)
     .bind(online)
     .bind(at)
+    .bind(&presence.gateway_run)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -305,4 +335,178 @@ async fn wait(pause: &mut Duration, shutdown: &CancellationToken) {
         _ = shutdown.cancelled() => {}
     }
     *pause = (*pause * 2).min(MAX_RETRY);
+}
+
+/// Counters of [`GatewayWatch`], registered as `liftwire_telemetry_presence_*`.
+#[derive(Clone, Default)]
+struct WatchMetrics {
+    /// Gateway runs declared lost.
+    runs_lost: Counter,
+    /// Devices recorded offline because the run holding them was lost.
+    devices_lost: Counter,
+    /// Heartbeats that do not decode or name no run.
+    bad_heartbeats: Counter,
+}
+
+/// When a gateway run was last heard from.
+struct Heard {
+    /// The heartbeat's own time (gateway clock, as presence changes are stamped).
+    at: DateTime<Utc>,
+    /// When it arrived here.
+    received: Instant,
+    /// Its devices were recorded offline since (no heartbeat came after).
+    swept: bool,
+}
+
+/// Follows the gateways' heartbeats and records the devices a silent gateway run left online
+/// as offline, at the time of the run's last heartbeat, so that the device's
+/// online report through another gateway, made after that, still wins.
+///
+/// A run is judged only by a replica that has been connected to NATS for the whole
+/// `gateway_timeout`: one that just started, or just got its connection back, has not yet had
+/// the chance to hear the runs that are alive. Every replica sweeps; the updates are idempotent.
+pub struct GatewayWatch {
+    nats: async_nats::Client,
+    pool: sqlx::PgPool,
+    timeout: Duration,
+    metrics: WatchMetrics,
+}
+
+impl GatewayWatch {
+    /// Registers the metrics; nothing runs yet.
+    pub fn build(
+        nats: async_nats::Client,
+        pool: sqlx::PgPool,
+        config: &PresenceConfig,
+        ctx: &BuildContext,
+    ) -> Result<Self, BoxError> {
+        if config.gateway_timeout.is_zero() {
+            return Err("presence.gateway_timeout must be above zero".into());
+        }
+        let metrics = WatchMetrics::default();
+        let mut registry = ctx.registry();
+        let registry = registry.sub_registry_with_prefix("telemetry_presence");
+        registry.register(
+            "gateway_runs_lost",
+            "Gateway runs whose heartbeats stopped while they held online devices",
+            metrics.runs_lost.clone(),
+        );
+        registry.register(
+            "devices_lost",
+            "Devices recorded offline because the gateway run holding them was lost",
+            metrics.devices_lost.clone(),
+        );
+        registry.register(
+            "bad_heartbeats",
+            "Gateway heartbeats that do not decode or name no run, ignored",
+            metrics.bad_heartbeats.clone(),
+        );
+        Ok(Self {
+            nats,
+            pool,
+            timeout: config.gateway_timeout,
+            metrics,
+        })
+    }
+
+    /// Follows heartbeats and sweeps until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BoxError> {
+        let mut heartbeats = self.nats.subscribe(GATEWAY_HEARTBEAT_FILTER).await?;
+        let mut heard: HashMap<String, Heard> = HashMap::new();
+        let mut watching_since = Instant::now();
+        // When the database was last asked which runs hold online devices.
+        let mut listed: Option<Instant> = None;
+        let mut sweep = tokio::time::interval((self.timeout / 4).min(Duration::from_secs(1)));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                beat = heartbeats.next() => {
+                    let Some(beat) = beat else {
+                        return Err("the gateway heartbeat subscription ended".into());
+                    };
+                    match v1::GatewayHeartbeat::decode(beat.payload.as_ref()) {
+                        Ok(beat) if !beat.gateway_run.is_empty() => {
+                            let at = beat.at.as_ref().and_then(datetime).unwrap_or_else(Utc::now);
+                            heard.insert(beat.gateway_run, Heard { at, received: Instant::now(), swept: false });
+                        }
+                        _ => {
+                            self.metrics.bad_heartbeats.inc();
+                            tracing::debug!(subject = %beat.subject, "ignoring a malformed gateway heartbeat");
+                        }
+                    }
+                }
+                _ = sweep.tick() => {
+                    if self.nats.connection_state() != async_nats::connection::State::Connected {
+                        watching_since = Instant::now();
+                        continue;
+                    }
+                    if watching_since.elapsed() < self.timeout {
+                        continue;
+                    }
+                    let list = listed.is_none_or(|at| at.elapsed() >= self.timeout);
+                    match self.sweep(&mut heard, list).await {
+                        Ok(()) if list => listed = Some(Instant::now()),
+                        Ok(()) => {}
+                        Err(e) => tracing::warn!(error = %e, "checking gateway runs failed; next sweep retries"),
+                    }
+                    // Runs silent for long are gone for good (or their devices are offline).
+                    heard.retain(|_, h| h.received.elapsed() < self.timeout * 10);
+                }
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Records offline the devices of the runs silent for longer than the timeout: the runs
+    /// this replica heard go silent, at once; with `list`, also the runs the database says hold
+    /// online devices (runs this replica never heard, and online reports that arrived late from
+    /// a run already swept).
+    async fn sweep(
+        &self,
+        heard: &mut HashMap<String, Heard>,
+        list: bool,
+    ) -> Result<(), sqlx::Error> {
+        let silent = |h: &Heard| h.received.elapsed() >= self.timeout;
+        let mut runs: Vec<String> = heard
+            .iter()
+            .filter(|(_, h)| silent(h) && !h.swept)
+            .map(|(run, _)| run.clone())
+            .collect();
+        if list {
+            let holding: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT gateway_run FROM device_presence WHERE online AND gateway_run <> ''",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            runs.extend(
+                holding
+                    .into_iter()
+                    .filter(|run| heard.get(run).is_none_or(|h| silent(h) && h.swept)),
+            );
+        }
+        for run in runs {
+            // A run never heard was silent for the whole timeout this replica watched.
+            let lost_at = heard
+                .get(&run)
+                .map_or_else(|| Utc::now() - self.timeout, |h| h.at);
+            let lost = sqlx::query(
+                "UPDATE device_presence SET online = false, at = GREATEST(at, $2)
+                 WHERE online AND gateway_run = $1",
+            )
+            .bind(&run)
+            .bind(lost_at)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if let Some(h) = heard.get_mut(&run) {
+                h.swept = true;
+            }
+            if lost > 0 {
+                self.metrics.runs_lost.inc();
+                self.metrics.devices_lost.inc_by(lost);
+                tracing::warn!(gateway_run = %run, devices = lost, last_heard = %lost_at, "gateway run lost; its devices are recorded offline");
+            }
+        }
+        Ok(())
+    }
 }

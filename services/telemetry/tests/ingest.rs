@@ -15,6 +15,7 @@ use liftwire_runtime::nats::NatsConfig;
 use liftwire_runtime::service::BuildContext;
 use liftwire_runtime::service::Service;
 use liftwire_telemetry::ingest::IngestConfig;
+use liftwire_telemetry::presence::PresenceConfig;
 use liftwire_telemetry::Telemetry;
 use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,10 @@ async fn replica(
             batch_wait: Duration::from_millis(50),
             max_backoff: Duration::from_millis(300),
             ..ingest
+        },
+        // Short, so that a silent gateway is noticed fast.
+        presence: PresenceConfig {
+            gateway_timeout: Duration::from_secs(1),
         },
         ..Default::default()
     };
@@ -371,9 +376,22 @@ async fn a_batch_whose_dead_letter_cannot_be_stored_is_handed_back_not_left_to_t
     rig.stop().await;
 }
 
-/// Stores a presence change of building b1's `device` in `LW_PRESENCE`, as a gateway does.
+/// Stores a presence change of building b1's `device` in `LW_PRESENCE`, as a gateway that
+/// names no run does.
 async fn publish_presence(
     js: &jetstream::Context,
+    device: &str,
+    state: v1::PresenceState,
+    seconds: i64,
+) {
+    publish_presence_from(js, "", device, state, seconds).await;
+}
+
+/// Stores a presence change of building b1's `device` in `LW_PRESENCE`, observed by gateway run
+/// `run`.
+async fn publish_presence_from(
+    js: &jetstream::Context,
+    run: &str,
     device: &str,
     state: v1::PresenceState,
     seconds: i64,
@@ -384,6 +402,7 @@ async fn publish_presence(
         building_id: "b1".into(),
         state: state as i32,
         at: Some(liftwire_proto::Timestamp { seconds, nanos: 0 }),
+        gateway_run: run.into(),
         ..Default::default()
     };
     let subject = presence_subject(
@@ -504,6 +523,144 @@ async fn presence_is_followed_again_after_its_stream_is_deleted_and_declared_aga
         recorded_presence(&rig.pg).await.len() == 2
     })
     .await;
+    rig.stop().await;
+}
+
+/// Sends gateway run `run`'s heartbeat every 200 ms until the task is aborted.
+fn heartbeats(client: async_nats::Client, run: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let beat = v1::GatewayHeartbeat {
+                gateway_id: format!("gw-{run}"),
+                gateway_run: run.into(),
+                at: Some(liftwire_proto::timestamp(std::time::SystemTime::now())),
+            };
+            client
+                .publish(
+                    format!("lw.v1.gateway.gw-{run}.heartbeat"),
+                    beat.encode_to_vec().into(),
+                )
+                .await
+                .unwrap();
+        }
+    })
+}
+
+fn unix_now() -> i64 {
+    liftwire_proto::timestamp(std::time::SystemTime::now()).seconds
+}
+
+#[tokio::test]
+async fn devices_of_a_gateway_whose_heartbeats_stop_are_recorded_offline() {
+    let rig = Rig::start().await;
+    let client = rig.nats.client().await.unwrap();
+    let live = heartbeats(client.clone(), "live");
+    let crashed = heartbeats(client.clone(), "crashed");
+    let t = unix_now() - 60;
+    publish_presence_from(&rig.js, "live", "elev-1", v1::PresenceState::Online, t).await;
+    publish_presence_from(&rig.js, "crashed", "elev-2", v1::PresenceState::Online, t).await;
+    publish_presence_from(&rig.js, "crashed", "elev-3", v1::PresenceState::Online, t).await;
+    // A run that never sent a heartbeat at all (it crashed right after its first report).
+    publish_presence_from(&rig.js, "never", "elev-4", v1::PresenceState::Online, t).await;
+    // The run never heard from is lost once the replica has listened for the whole timeout...
+    eventually("elev-4 offline", || async {
+        recorded_presence(&rig.pg).await.get(3) == Some(&("elev-4".to_owned(), false))
+    })
+    .await;
+    // ...and by then the runs still beating were judged alive.
+    assert_eq!(
+        recorded_presence(&rig.pg).await,
+        [
+            ("elev-1".to_owned(), true),
+            ("elev-2".to_owned(), true),
+            ("elev-3".to_owned(), true),
+            ("elev-4".to_owned(), false),
+        ],
+        "only the run never heard from is lost so far"
+    );
+
+    crashed.abort();
+    let _ = crashed.await;
+    let silent_since = unix_now();
+    eventually("the crashed run's devices offline", || async {
+        recorded_presence(&rig.pg).await
+            == [
+                ("elev-1".to_owned(), true),
+                ("elev-2".to_owned(), false),
+                ("elev-3".to_owned(), false),
+                ("elev-4".to_owned(), false),
+            ]
+    })
+    .await;
+    assert_eq!(
+        counter(&rig.ctx, "liftwire_telemetry_presence_gateway_runs_lost"),
+        2
+    );
+    assert_eq!(
+        counter(&rig.ctx, "liftwire_telemetry_presence_devices_lost"),
+        3
+    );
+    // Offline since the run's last heartbeat, not since the sweep: the device's report through
+    // another gateway, made after the crash, still wins.
+    let pool = rig.pg.pool().await.unwrap();
+    let offline_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT at FROM device_presence WHERE device_id = 'elev-2'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    assert!(
+        (silent_since - 2..=silent_since).contains(&offline_at.timestamp()),
+        "offline at {offline_at}, heartbeats stopped at {silent_since}"
+    );
+    publish_presence_from(
+        &rig.js,
+        "live",
+        "elev-2",
+        v1::PresenceState::Online,
+        silent_since + 1,
+    )
+    .await;
+    eventually("elev-2 back through the live gateway", || async {
+        recorded_presence(&rig.pg).await[1] == ("elev-2".to_owned(), true)
+    })
+    .await;
+    live.abort();
+    let _ = live.await;
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn an_offline_report_from_a_gateway_that_no_longer_holds_the_device_is_ignored() {
+    let rig = Rig::start().await;
+    let client = rig.nats.client().await.unwrap();
+    let beats = [
+        heartbeats(client.clone(), "a"),
+        heartbeats(client.clone(), "b"),
+    ];
+    let t = unix_now() - 60;
+    // elev-1 moved from gateway a to gateway b; a noticed its old connection was gone later.
+    publish_presence_from(&rig.js, "a", "elev-1", v1::PresenceState::Online, t).await;
+    publish_presence_from(&rig.js, "b", "elev-1", v1::PresenceState::Online, t + 1).await;
+    publish_presence_from(&rig.js, "a", "elev-1", v1::PresenceState::Offline, t + 2).await;
+    // The gateway that holds it reports it offline: that counts.
+    publish_presence_from(&rig.js, "b", "elev-2", v1::PresenceState::Online, t).await;
+    publish_presence_from(&rig.js, "b", "elev-2", v1::PresenceState::Offline, t + 1).await;
+    // Changes are recorded in stream order: elev-2's last one comes after a's report on elev-1.
+    eventually("elev-2 offline", || async {
+        recorded_presence(&rig.pg).await.get(1) == Some(&("elev-2".to_owned(), false))
+    })
+    .await;
+    assert_eq!(
+        recorded_presence(&rig.pg).await,
+        [("elev-1".to_owned(), true), ("elev-2".to_owned(), false)]
+    );
+    for beat in beats {
+        beat.abort();
+        let _ = beat.await;
+    }
     rig.stop().await;
 }
 
