@@ -499,7 +499,7 @@ impl Service for Gateway {
         ));
         let heartbeat = tokio::spawn(presence::heartbeat(
             nats.clone(),
-            presence.clone(),
+            shared.clone(),
             config.heartbeat_interval,
             tasks.child_token(),
         ));
@@ -649,7 +649,8 @@ impl Service for Gateway {
         }
         heartbeat
             .await
-            .map_err(|e| format!("heartbeat task failed: {e}"))??;
+            .map_err(|e| format!("heartbeat task failed: {e}"))?
+            .map_err(|e| format!("heartbeat task failed: {e}"))?;
         drop(shared);
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         // Bounded: with NATS gone, flushing would wait for a reconnect forever.

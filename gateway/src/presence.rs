@@ -17,13 +17,17 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use liftwire_proto::naming::{gateway_heartbeat_subject, presence_subject, NameError};
+use futures::StreamExt;
+use liftwire_proto::naming::{
+    gateway_heartbeat_subject, gateway_refresh_subject, presence_subject,
+};
 use liftwire_proto::{v1, Message};
+use liftwire_runtime::service::BoxError;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Kind, Metrics};
-use crate::session::PresenceChange;
+use crate::session::{PresenceChange, Shared};
 
 /// Changes waiting to be stored, the latest per device (by subject).
 type Waiting = HashMap<String, v1::Presence>;
@@ -165,21 +169,37 @@ pub async fn run(
     }
 }
 
-/// Sends this run's heartbeat on core NATS every `interval` until `shutdown`. A lost heartbeat
-/// costs nothing (the next one follows); telemetry declares the run lost only after hearing
-/// nothing for its `presence.gateway_timeout`.
+/// Sends this run's heartbeat on core NATS every `interval` until `shutdown`, and answers
+/// presence refresh requests. A lost heartbeat costs nothing (the next one follows); telemetry
+/// declares the run lost only after hearing nothing for its `presence.gateway_timeout`, and if
+/// the run was only stalled or cut off, asks it to report its devices online again.
 pub async fn heartbeat(
     nats: async_nats::Client,
-    board: std::sync::Arc<PresenceBoard>,
+    shared: std::sync::Arc<Shared>,
     interval: Duration,
     shutdown: CancellationToken,
-) -> Result<(), NameError> {
+) -> Result<(), BoxError> {
+    let board = shared.presence.clone();
     let subject = gateway_heartbeat_subject(&board.gateway_id)?;
+    let mut refreshes = nats
+        .subscribe(gateway_refresh_subject(&board.gateway_id)?)
+        .await?;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            Some(request) = refreshes.next() => {
+                match v1::PresenceRefresh::decode(request.payload.as_ref()) {
+                    Ok(refresh) if refresh.gateway_run == board.gateway_run => {
+                        let devices = shared.report_online();
+                        tracing::warn!(devices, "telemetry recorded this gateway's devices offline while it was silent; reported online again");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "ignoring a malformed presence refresh"),
+                }
+                continue;
+            }
             _ = shutdown.cancelled() => return Ok(()),
         }
         let beat = v1::GatewayHeartbeat {

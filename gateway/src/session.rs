@@ -177,6 +177,23 @@ impl Shared {
         }
     }
 
+    /// Reports every device connected here online again, now; returns how many. Posted under
+    /// the sessions' lock, so a device whose connection ends meanwhile is reported offline after
+    /// this, and stays offline.
+    pub fn report_online(&self) -> usize {
+        let sessions = self.sessions();
+        let at = SystemTime::now();
+        for session in sessions.values() {
+            self.presence.post(&PresenceChange {
+                identity: session.identity.clone(),
+                state: PresenceState::Online,
+                reason: DisconnectReason::Unspecified,
+                at,
+            });
+        }
+        sessions.len()
+    }
+
     /// Client ids connected here.
     pub fn connected(&self) -> Vec<String> {
         self.sessions().keys().cloned().collect()

@@ -13,7 +13,7 @@
 //! building-wide    NATS  lw.v1.down.{building}._all.{kind}            (e.g. notices for all screens)
 //!                  MQTT  lw/v1/{building}/_all/down/{kind}
 //! presence         NATS  lw.v1.presence.{building}.{device}          (stream LW_PRESENCE)
-//! gateway liveness NATS  lw.v1.gateway.{gateway_id}.heartbeat
+//! gateway liveness NATS  lw.v1.gateway.{gateway_id}.heartbeat, ….presence-refresh
 //! live state       NATS  lw.v1.state.{building}.{device}              (telemetry → API)
 //! dead letters     NATS  lw.v1.dlq.{source}                           (stream LW_DLQ)
 //! alerts           NATS  lw.v1.alerts.{building}
@@ -441,6 +441,15 @@ pub fn gateway_heartbeat_subject(gateway_id: &str) -> Result<String, NameError> 
         source,
     })?;
     Ok(format!("{NATS_ROOT}.gateway.{gateway_id}.heartbeat"))
+}
+
+/// Subject on which gateway `gateway_id` takes presence refresh requests (core NATS).
+pub fn gateway_refresh_subject(gateway_id: &str) -> Result<String, NameError> {
+    validate_id(gateway_id).map_err(|source| NameError::Id {
+        field: "gateway_id",
+        source,
+    })?;
+    Ok(format!("{NATS_ROOT}.gateway.{gateway_id}.presence-refresh"))
 }
 
 /// Subject of dead letters from `source` (a component name such as `gateway`).

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use liftwire_proto::naming::{GATEWAY_HEARTBEAT_FILTER, PRESENCE_STREAM};
+use liftwire_proto::naming::{gateway_refresh_subject, GATEWAY_HEARTBEAT_FILTER, PRESENCE_STREAM};
 use liftwire_proto::{v1, Message};
 use liftwire_runtime::nats::{ensure_stream, NatsConfig};
 use liftwire_runtime::service::{BoxError, BuildContext};
@@ -62,7 +62,7 @@ pub async fn record(
         "INSERT INTO device_presence (device_id, building_id, online, at, gateway_run)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (device_id) DO UPDATE SET online = EXCLUDED.online, at = EXCLUDED.at,
-             building_id = EXCLUDED.building_id, gateway_run = EXCLUDED.gateway_run
+             building_id = EXCLUDED.building_id, gateway_run = EXCLUDED.gateway_run, lost = false
          WHERE device_presence.at <= EXCLUDED.at
              AND (EXCLUDED.online OR device_presence.gateway_run IN (EXCLUDED.gateway_run, ''))",
     )
@@ -344,6 +344,8 @@ struct WatchMetrics {
     runs_lost: Counter,
     /// Devices recorded offline because the run holding them was lost.
     devices_lost: Counter,
+    /// Lost runs found alive and asked to report their devices again.
+    refreshes: Counter,
     /// Heartbeats that do not decode or name no run.
     bad_heartbeats: Counter,
 }
@@ -356,6 +358,9 @@ struct Heard {
     received: Instant,
     /// Its devices were recorded offline since (no heartbeat came after).
     swept: bool,
+    /// It may have devices recorded lost (swept, or first heard here): checked at its next
+    /// heartbeat, and asked to report them again if so.
+    check_lost: bool,
 }
 
 /// Follows the gateways' heartbeats and records the devices a silent gateway run left online
@@ -397,6 +402,11 @@ impl GatewayWatch {
             metrics.devices_lost.clone(),
         );
         registry.register(
+            "gateway_refreshes",
+            "Gateway runs recorded lost then heard again, asked to report their devices again",
+            metrics.refreshes.clone(),
+        );
+        registry.register(
             "bad_heartbeats",
             "Gateway heartbeats that do not decode or name no run, ignored",
             metrics.bad_heartbeats.clone(),
@@ -427,7 +437,14 @@ impl GatewayWatch {
                     match v1::GatewayHeartbeat::decode(beat.payload.as_ref()) {
                         Ok(beat) if !beat.gateway_run.is_empty() => {
                             let at = beat.at.as_ref().and_then(datetime).unwrap_or_else(Utc::now);
-                            heard.insert(beat.gateway_run, Heard { at, received: Instant::now(), swept: false });
+                            let mut check_lost = heard.get(&beat.gateway_run).is_none_or(|h| h.swept || h.check_lost);
+                            if check_lost {
+                                match self.refresh_if_lost(&beat).await {
+                                    Ok(asked) => check_lost = asked,
+                                    Err(e) => tracing::warn!(error = %e, "checking a gateway run for lost devices failed; its next heartbeat retries"),
+                                }
+                            }
+                            heard.insert(beat.gateway_run, Heard { at, received: Instant::now(), swept: false, check_lost });
                         }
                         _ => {
                             self.metrics.bad_heartbeats.inc();
@@ -455,6 +472,30 @@ impl GatewayWatch {
                 _ = shutdown.cancelled() => return Ok(()),
             }
         }
+    }
+
+    /// If run `beat` names has devices recorded lost, asks it to report its devices again;
+    /// returns whether it was asked (then its next heartbeat checks again, until its reports
+    /// have been recorded).
+    async fn refresh_if_lost(&self, beat: &v1::GatewayHeartbeat) -> Result<bool, BoxError> {
+        let lost: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM device_presence WHERE lost AND gateway_run = $1)",
+        )
+        .bind(&beat.gateway_run)
+        .fetch_one(&self.pool)
+        .await?;
+        if lost {
+            let subject = gateway_refresh_subject(&beat.gateway_id)?;
+            let refresh = v1::PresenceRefresh {
+                gateway_run: beat.gateway_run.clone(),
+            };
+            self.nats
+                .publish(subject, refresh.encode_to_vec().into())
+                .await?;
+            self.metrics.refreshes.inc();
+            tracing::info!(gateway_run = %beat.gateway_run, "a gateway run recorded lost is alive; asked to report its devices again");
+        }
+        Ok(lost)
     }
 
     /// Records offline the devices of the runs silent for longer than the timeout: the runs
@@ -490,7 +531,7 @@ impl GatewayWatch {
                 .get(&run)
                 .map_or_else(|| Utc::now() - self.timeout, |h| h.at);
             let lost = sqlx::query(
-                "UPDATE device_presence SET online = false, at = GREATEST(at, $2)
+                "UPDATE device_presence SET online = false, lost = true, at = GREATEST(at, $2)
                  WHERE online AND gateway_run = $1",
             )
             .bind(&run)

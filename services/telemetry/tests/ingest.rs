@@ -627,8 +627,50 @@ async fn devices_of_a_gateway_whose_heartbeats_stop_are_recorded_offline() {
         recorded_presence(&rig.pg).await[1] == ("elev-2".to_owned(), true)
     })
     .await;
-    live.abort();
-    let _ = live.await;
+
+    // The "crashed" run was only stalled: heard again, it is asked to report its devices.
+    let mut refreshes = client
+        .subscribe("lw.v1.gateway.gw-crashed.presence-refresh")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let resumed = heartbeats(client.clone(), "crashed");
+    let refresh = tokio::time::timeout(WAIT, refreshes.next())
+        .await
+        .expect("a refresh request")
+        .unwrap();
+    assert_eq!(
+        v1::PresenceRefresh::decode(refresh.payload.as_ref())
+            .unwrap()
+            .gateway_run,
+        "crashed"
+    );
+    publish_presence_from(
+        &rig.js,
+        "crashed",
+        "elev-3",
+        v1::PresenceState::Online,
+        unix_now(),
+    )
+    .await;
+    eventually("elev-3 reported online again", || async {
+        recorded_presence(&rig.pg).await[2] == ("elev-3".to_owned(), true)
+    })
+    .await;
+    assert!(counter(&rig.ctx, "liftwire_telemetry_presence_gateway_refreshes") >= 1);
+    // Nothing of the run is recorded lost any more: the requests stop (600 ms without one is
+    // three heartbeats).
+    let quiet = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(600), refreshes.next()).await
+        {}
+    })
+    .await;
+    assert!(quiet.is_ok(), "refresh requests never stop");
+    for task in [live, resumed] {
+        task.abort();
+        let _ = task.await;
+    }
     rig.stop().await;
 }
 
