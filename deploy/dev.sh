@@ -26,6 +26,10 @@ pick_port() {
   echo "$port"
 }
 
+# Every server runs in a session of its own (setsid; it does not fork here, so $! is the
+# server): Ctrl-C then reaches this script alone, which stops the components first, each
+# draining into the infrastructure, and the infrastructure last. Were they in the terminal's
+# process group, all would get the SIGINT at once, and the stop order would mean nothing.
 pids=()
 stopped=0
 cleanup() {
@@ -64,7 +68,7 @@ listen: "127.0.0.1:$nats_port"
 http: "127.0.0.1:$nats_monitor"
 jetstream { store_dir: "$data/nats/jetstream" }
 CONF
-nats-server --config "$data/nats/nats.conf" >"$logs/nats.log" 2>&1 &
+setsid nats-server --config "$data/nats/nats.conf" >"$logs/nats.log" 2>&1 &
 pids+=($!)
 wait_port nats "$nats_port" "${pids[-1]}"
 
@@ -90,7 +94,7 @@ if [[ ! -f $pg_dir/data/PG_VERSION ]]; then
   say "creating the PostgreSQL cluster in $pg_dir/data"
   "${as_pg[@]}" "$pg_bin/initdb" --auth=trust --username=liftwire --encoding=UTF8 --locale=C -D "$pg_dir/data" >"$logs/initdb.log" 2>&1
 fi
-"${as_pg[@]}" "$pg_bin/postgres" -D "$pg_dir/data" -p "$pg_port" -k "$pg_dir" \
+setsid "${as_pg[@]}" "$pg_bin/postgres" -D "$pg_dir/data" -p "$pg_port" -k "$pg_dir" \
   -c listen_addresses=127.0.0.1 >"$logs/postgres.log" 2>&1 &
 pids+=($!)
 wait_port postgres "$pg_port" "${pids[-1]}"
@@ -110,7 +114,7 @@ s3_bin=$(command -v s3s-fs || echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs")
 mkdir -p "$data/s3/liftwire-uploads"  # s3s-fs: a bucket is a directory
 s3_access=liftwire-dev
 s3_secret=liftwire-dev-secret
-"$s3_bin" --host 127.0.0.1 --port "$s3_port" --access-key "$s3_access" --secret-key "$s3_secret" \
+setsid "$s3_bin" --host 127.0.0.1 --port "$s3_port" --access-key "$s3_access" --secret-key "$s3_secret" \
   "$data/s3" >"$logs/s3.log" 2>&1 &
 pids+=($!)
 wait_port s3 "$s3_port" "${pids[-1]}"
@@ -134,14 +138,14 @@ export LIFTWIRE_TELEMETRY__DATABASE__URL="$pg_telemetry"
 mqtt_port=$(pick_port 1883)
 gateway_admin=$(pick_port 9101)
 LIFTWIRE_GATEWAY__RUNTIME__ADMIN_LISTEN="127.0.0.1:$gateway_admin" LIFTWIRE_GATEWAY__MQTT__LISTEN="127.0.0.1:$mqtt_port" \
-  "$bin/liftwire-gateway" >"$logs/gateway.log" 2>&1 &
+  setsid "$bin/liftwire-gateway" >"$logs/gateway.log" 2>&1 &
 pids+=($!)
 wait_port gateway "$mqtt_port" "${pids[-1]}"
 
 "$bin/liftwire-telemetry" migrate >"$logs/telemetry-migrate.log" 2>&1
 telemetry_admin=$(pick_port 9102)
 LIFTWIRE_TELEMETRY__RUNTIME__ADMIN_LISTEN="127.0.0.1:$telemetry_admin" \
-  "$bin/liftwire-telemetry" >"$logs/telemetry.log" 2>&1 &
+  setsid "$bin/liftwire-telemetry" >"$logs/telemetry.log" 2>&1 &
 pids+=($!)
 wait_port telemetry "$telemetry_admin" "${pids[-1]}"
 
@@ -149,7 +153,7 @@ api_port=$(pick_port 8080)
 api_admin=$(pick_port 9103)
 export LIFTWIRE_API__AUTH__HS256_SECRET=${LIFTWIRE_API__AUTH__HS256_SECRET:-liftwire-local-development-secret-0001}
 LIFTWIRE_API__HTTP__LISTEN="127.0.0.1:$api_port" LIFTWIRE_API__RUNTIME__ADMIN_LISTEN="127.0.0.1:$api_admin" \
-  "$bin/liftwire-api" >"$logs/api.log" 2>&1 &
+  setsid "$bin/liftwire-api" >"$logs/api.log" 2>&1 &
 pids+=($!)
 wait_port api "$api_port" "${pids[-1]}"
 token=$("$bin/liftwire-api" mint-token --subject dev --role admin --ttl 8h)
@@ -158,7 +162,7 @@ token=$("$bin/liftwire-api" mint-token --subject dev --role admin --ttl 8h)
 # publishing over MQTT like real firmware; outboxes and secrets under $data/firmware-sim.
 LIFTWIRE_FIRMWARE_SIM__MQTT__PORT=$mqtt_port LIFTWIRE_FIRMWARE_SIM__RUN__DATA_DIR="$data/firmware-sim" \
 LIFTWIRE_FIRMWARE_SIM__RUN__SPEED=10 LIFTWIRE_FIRMWARE_SIM__REGISTRY__DATABASE_URL="$pg_gateway" LIFTWIRE_FIRMWARE_SIM__FLEET__ID_PREFIX=dev \
-  "$bin/liftwire-firmware-sim" run >"$logs/firmware-sim.log" 2>&1 &
+  setsid "$bin/liftwire-firmware-sim" run >"$logs/firmware-sim.log" 2>&1 &
 pids+=($!)
 
 # A demo device, so the commands printed below work as they are.
