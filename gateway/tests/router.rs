@@ -1,5 +1,6 @@
 //! The embedded broker's router (patched rumqttd) against its memory: what it keeps for a
-//! subscription filter lives only as long as somebody subscribes to it.
+//! subscription filter lives only as long as somebody subscribes to it. And its filter index
+//! against MQTT's matching rules.
 
 #![allow(clippy::unwrap_used)]
 
@@ -63,4 +64,67 @@ async fn downlink_for_a_device_that_left_is_not_kept_by_the_router() {
         bridge_tx.publish(TOPIC, vec![2u8; 16]).unwrap();
     }
     assert_eq!(appended(&report, &meters).await, None, "kept for nobody");
+}
+
+mod filter_index {
+    use proptest::prelude::*;
+    use rumqttd::protocol::matches;
+    use rumqttd::FilterIndex;
+
+    /// A topic level: plain, empty, `$`-led, or a `#` (which topics may not hold, but the rules
+    /// say what happens then).
+    fn topic_level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(vec!["lw", "v1", "b1", "elev-1", "down", "watermark"]),
+            1 => Just(""),
+            1 => Just("$sys"),
+            1 => Just("#"),
+        ]
+        .prop_map(str::to_owned)
+    }
+
+    /// A valid filter: plain levels and `+`, and possibly a `#` as the last level.
+    fn filter() -> impl Strategy<Value = String> {
+        let level = prop_oneof![
+            3 => topic_level().prop_filter("no # inside", |l| l != "#"),
+            2 => Just("+".to_owned()),
+        ];
+        (prop::collection::vec(level, 1..6), any::<bool>()).prop_map(|(mut levels, hash)| {
+            if hash {
+                levels.push("#".to_owned());
+            }
+            levels.join("/")
+        })
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        prop::collection::vec(topic_level(), 1..7).prop_map(|levels| levels.join("/"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn finds_exactly_the_filters_a_topic_matches(
+            filters in prop::collection::hash_set(filter(), 0..40),
+            topics in prop::collection::vec(topic(), 1..20),
+        ) {
+            let filters: Vec<String> = filters.into_iter().collect();
+            let mut index = FilterIndex::default();
+            for (idx, filter) in filters.iter().enumerate() {
+                index.insert(filter, idx);
+            }
+            for topic in &topics {
+                let mut found = index.matches(topic);
+                found.sort_unstable();
+                let expected: Vec<usize> = filters
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, filter)| matches(topic, filter))
+                    .map(|(idx, _)| idx)
+                    .collect();
+                prop_assert_eq!(found, expected, "topic {:?}", topic);
+            }
+        }
+    }
 }

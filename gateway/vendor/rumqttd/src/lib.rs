@@ -24,6 +24,8 @@ pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 /// liftwire patch: exported so that the gateway's tests can drive a router (meters, disconnects).
 pub use router::Event;
+// liftwire patch: for the gateway's property test of the index against `protocol::matches`.
+pub use router::FilterIndex;
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
 

@@ -7,6 +7,7 @@ use crate::protocol::{
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
+use crate::router::FilterIndex;
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
 use crate::segments::{CommitLog, Position};
@@ -61,8 +62,11 @@ pub struct DataLog {
     /// Map of subscription filter name to filter index
     filter_indexes: HashMap<Filter, FilterIdx>,
     retained_publishes: HashMap<Topic, PublishData>,
-    /// List of filters associated with a topic
-    publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// liftwire patch: the filters by shape, for `matches`. It replaces a cache of the filters
+    /// of each topic that matched some (each new filter was matched against every cached topic)
+    /// and a scan of every filter for a topic that matched none, such as a downlink message for
+    /// a device connected to another gateway replica.
+    index: FilterIndex,
 }
 
 impl DataLog {
@@ -70,7 +74,7 @@ impl DataLog {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
-        let publish_filters = HashMap::new();
+        let mut index = FilterIndex::default();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -79,6 +83,7 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                index.insert(&filter, idx);
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -86,7 +91,7 @@ impl DataLog {
         Ok(DataLog {
             config,
             native,
-            publish_filters,
+            index,
             filter_indexes,
             retained_publishes,
         })
@@ -139,27 +144,10 @@ impl DataLog {
     // TODO: Currently returning a Option<Vec> instead of Option<&Vec> due to Rust borrow checker
     // limitation
     pub fn matches(&mut self, topic: &str) -> Option<Vec<usize>> {
-        match &self.publish_filters.get(topic) {
-            Some(v) => Some(v.to_vec()),
-            None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
-                    .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
-                    .map(|(_, filter_idx)| *filter_idx)
-                    .collect();
-
-                if !v.is_empty() {
-                    self.publish_filters.insert(topic.to_owned(), v.clone());
-                }
-
-                Some(v)
-            }
-        }
+        Some(self.index.matches(topic))
     }
 
     pub fn next_native_offset(&mut self, filter: &str) -> (FilterIdx, Offset) {
-        let publish_filters = &mut self.publish_filters;
         let filter_indexes = &mut self.filter_indexes;
 
         let (filter_idx, data) = match filter_indexes.get(filter) {
@@ -171,13 +159,7 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
-
-                // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
-                    }
-                }
+                self.index.insert(filter, idx);
 
                 (idx, self.native.get(idx).unwrap())
             }
@@ -475,7 +457,7 @@ mod test {
 
         data.next_native_offset("topic/+");
 
-        assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 2);
+        assert_eq!(data.matches("topic/a").unwrap().len(), 2);
     }
 
     #[test]
@@ -492,9 +474,7 @@ mod test {
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");
 
-        data.matches("topic/a");
-
-        assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+        assert_eq!(data.matches("topic/a").unwrap().len(), 1);
     }
 
     //     #[test]

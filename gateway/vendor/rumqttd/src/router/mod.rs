@@ -17,6 +17,7 @@ use crate::{
 
 mod alertlog;
 mod connection;
+mod filters;
 mod graveyard;
 pub mod iobufs;
 mod logs;
@@ -27,6 +28,7 @@ mod waiters;
 
 pub use alertlog::Alert;
 pub use connection::Connection;
+pub use filters::FilterIndex;
 pub use routing::Router;
 pub use waiters::Waiters;
 
