@@ -102,13 +102,13 @@ impl<P: Protocol> Network<P> {
     /// Waits on network for 1 packet. Cancel safe: bytes already read stay in the buffer.
     pub async fn read(&mut self) -> Result<Packet, Error> {
         loop {
-            let required = match Protocol::read_mut(
+            match Protocol::read_mut(
                 &mut self.protocol,
                 &mut self.read,
                 self.max_incoming_size,
             ) {
                 Ok(packet) => return Ok(packet),
-                Err(protocol::Error::InsufficientBytes(required)) => required,
+                Err(protocol::Error::InsufficientBytes(_)) => {}
                 Err(e) => return Err(e.into()),
             };
 
@@ -116,7 +116,7 @@ impl<P: Protocol> Network<P> {
             // keep-alive timer that lives as long as the connection.
             tokio::select! {
                 biased;
-                read = read_some(&mut self.socket, &mut self.read, required) => {
+                read = read_some(&mut self.socket, &mut self.read) => {
                     read?;
                     self.last_read = Instant::now();
                 }
@@ -188,9 +188,11 @@ impl<P: Protocol> Network<P> {
     }
 }
 
-/// liftwire patch: reads once into `buffer`, with room for the `required` bytes at least.
-async fn read_some(socket: &mut Box<dyn N>, buffer: &mut BytesMut, required: usize) -> io::Result<usize> {
-    buffer.reserve(required.max(READ_ROOM));
+/// liftwire patch: reads once into `buffer`, with room for [`READ_ROOM`] bytes. Not more, even
+/// for a packet announced larger: the buffer grows as its bytes arrive, never on what a peer
+/// that has not even authenticated claims it will send.
+async fn read_some(socket: &mut Box<dyn N>, buffer: &mut BytesMut) -> io::Result<usize> {
+    buffer.reserve(READ_ROOM);
     let read = socket.read_buf(buffer).await?;
     if 0 == read {
         let error = if buffer.is_empty() {
