@@ -14,12 +14,12 @@
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use liftwire_proto::naming::{
-    gateway_heartbeat_subject, gateway_refresh_subject, presence_subject,
+    gateway_heartbeat_subject, gateway_refresh_subject, presence_subject, BuildingId, DeviceId,
 };
 use liftwire_proto::{v1, Message};
 use liftwire_runtime::service::BoxError;
@@ -62,16 +62,46 @@ impl PresenceBoard {
 
     /// Posts `change`; it replaces any change of the same device still waiting.
     pub fn post(&self, change: &PresenceChange) {
+        self.post_message(
+            &change.identity.building,
+            &change.identity.device,
+            (change.state, change.reason),
+            change.at,
+            false,
+        );
+    }
+
+    /// Posts an answer to telemetry's [`v1::PresenceRefresh`]: it counts only where telemetry
+    /// still records the device lost under this run.
+    pub fn post_refresh(
+        &self,
+        building: &BuildingId,
+        device: &DeviceId,
+        state: (v1::PresenceState, v1::DisconnectReason),
+        at: SystemTime,
+    ) {
+        self.post_message(building, device, state, at, true);
+    }
+
+    fn post_message(
+        &self,
+        building: &BuildingId,
+        device: &DeviceId,
+        (state, reason): (v1::PresenceState, v1::DisconnectReason),
+        at: SystemTime,
+        refresh: bool,
+    ) {
         let message = v1::Presence {
-            device_id: change.identity.device.to_string(),
-            building_id: change.identity.building.to_string(),
-            state: change.state as i32,
-            reason: change.reason as i32,
-            at: Some(liftwire_proto::timestamp(change.at)),
+            device_id: device.to_string(),
+            building_id: building.to_string(),
+            state: state as i32,
+            reason: reason as i32,
+            at: Some(liftwire_proto::timestamp(at)),
             gateway_id: self.gateway_id.clone(),
             gateway_run: self.gateway_run.clone(),
+            refresh,
         };
-        let subject = presence_subject(&change.identity.building, &change.identity.device);
+        let subject = presence_subject(building, device);
         self.waiting().insert(subject, message);
         self.posted.notify_one();
     }
@@ -192,8 +222,13 @@ pub async fn heartbeat(
             Some(request) = refreshes.next() => {
                 match v1::PresenceRefresh::decode(request.payload.as_ref()) {
                     Ok(refresh) if refresh.gateway_run == board.gateway_run => {
-                        let devices = shared.report_online();
-                        tracing::warn!(devices, "telemetry recorded this gateway's devices offline while it was silent; reported online again");
+                        let devices: Vec<(BuildingId, DeviceId)> = refresh
+                            .devices
+                            .iter()
+                            .filter_map(|d| Some((BuildingId::new(d.building_id.as_str()).ok()?, DeviceId::new(d.device_id.as_str()).ok()?)))
+                            .collect();
+                        let online = shared.refresh(&devices);
+                        tracing::warn!(asked = devices.len(), online, "telemetry recorded devices of this gateway lost while it was silent; told it where they are");
                     }
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "ignoring a malformed presence refresh"),
@@ -205,13 +240,17 @@ pub async fn heartbeat(
         let beat = v1::GatewayHeartbeat {
             gateway_id: board.gateway_id.clone(),
             gateway_run: board.gateway_run.clone(),
-            at: Some(liftwire_proto::timestamp(std::time::SystemTime::now())),
+            at: Some(liftwire_proto::timestamp(SystemTime::now())),
         };
-        if let Err(e) = nats
-            .publish(subject.clone(), beat.encode_to_vec().into())
-            .await
-        {
-            tracing::warn!(error = %e, "gateway heartbeat not sent");
+        // Bounded, and given up at shutdown: with NATS away the client's queue may be full.
+        let payload = beat.encode_to_vec().into();
+        tokio::select! {
+            sent = tokio::time::timeout(interval, nats.publish(subject.clone(), payload)) => match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "gateway heartbeat not sent"),
+                Err(_) => tracing::warn!("gateway heartbeat not sent in time"),
+            },
+            _ = shutdown.cancelled() => return Ok(()),
         }
     }
 }

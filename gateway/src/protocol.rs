@@ -354,6 +354,7 @@ impl<P: Protocol> Protocol for Guard<P> {
                             .and_then(|id| self.shared.session(id))
                         {
                             conn.online = true;
+                            session.online.store(true, Ordering::SeqCst);
                             self.shared.metrics.connections.inc();
                             self.shared.presence(PresenceChange {
                                 identity: session.identity.clone(),

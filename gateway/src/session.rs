@@ -29,6 +29,9 @@ pub struct Session {
     pub kicked: Arc<AtomicBool>,
     /// Version of the credentials the device logged in with ([`crate::registry::Login`]).
     pub credentials: DateTime<Utc>,
+    /// Set once its CONNACK went out and it was reported online (a connection that dies before
+    /// is never reported offline either).
+    pub online: Arc<AtomicBool>,
 }
 
 /// A device message accepted by the access rules, on its way to JetStream.
@@ -146,6 +149,7 @@ impl Shared {
             broker_id,
             kicked: Arc::new(AtomicBool::new(false)),
             credentials,
+            online: Arc::new(AtomicBool::new(false)),
         };
         let previous = sessions.insert(device, session);
         if let Some(previous) = &previous {
@@ -177,21 +181,30 @@ impl Shared {
         }
     }
 
-    /// Reports every device connected here online again, now; returns how many. Posted under
-    /// the sessions' lock, so a device whose connection ends meanwhile is reported offline after
-    /// this, and stays offline.
-    pub fn report_online(&self) -> usize {
+    /// Answers telemetry's question where `devices` are (it recorded them lost with this run):
+    /// online, now, for each one connected here and reported online, offline for the others.
+    /// Returns how many are online. Posted under the sessions' lock, so a connection that ends
+    /// meanwhile is reported offline after this, and stays offline.
+    pub fn refresh(&self, devices: &[(BuildingId, DeviceId)]) -> usize {
         let sessions = self.sessions();
         let at = SystemTime::now();
-        for session in sessions.values() {
-            self.presence.post(&PresenceChange {
-                identity: session.identity.clone(),
-                state: PresenceState::Online,
-                reason: DisconnectReason::Unspecified,
-                at,
+        let mut online = 0;
+        for (building, device) in devices {
+            let held = sessions.get(device.as_str()).filter(|s| {
+                s.identity.building == *building
+                    && s.online.load(Ordering::SeqCst)
+                    && !s.kicked.load(Ordering::SeqCst)
             });
+            let (state, reason) = if held.is_some() {
+                online += 1;
+                (PresenceState::Online, DisconnectReason::Unspecified)
+            } else {
+                (PresenceState::Offline, DisconnectReason::ConnectionLost)
+            };
+            self.presence
+                .post_refresh(building, device, (state, reason), at);
         }
-        sessions.len()
+        online
     }
 
     /// Client ids connected here.

@@ -379,7 +379,10 @@ pub async fn evaluate(
     }
 
     let offline: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT device_id, building_id, at FROM device_presence WHERE NOT online AND at < $1",
+        "SELECT device_id, building_id, since FROM (
+             SELECT device_id, building_id, CASE WHEN lost THEN lost_at ELSE at END AS since
+             FROM device_presence WHERE NOT online
+         ) offline WHERE since < $1",
     )
     .bind(ago(config.offline_after))
     .fetch_all(pool)

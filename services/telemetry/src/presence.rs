@@ -62,15 +62,19 @@ pub async fn record(
         "INSERT INTO device_presence (device_id, building_id, online, at, gateway_run)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (device_id) DO UPDATE SET online = EXCLUDED.online, at = EXCLUDED.at,
-             building_id = EXCLUDED.building_id, gateway_run = EXCLUDED.gateway_run, lost = false
+             building_id = EXCLUDED.building_id, gateway_run = EXCLUDED.gateway_run,
+             lost = false, lost_at = NULL
          WHERE device_presence.at <= EXCLUDED.at
-             AND (EXCLUDED.online OR device_presence.gateway_run IN (EXCLUDED.gateway_run, ''))",
+             AND (EXCLUDED.online OR device_presence.gateway_run IN (EXCLUDED.gateway_run, ''))
+             AND (NOT $6
+                 OR (device_presence.lost AND device_presence.gateway_run = EXCLUDED.gateway_run))",
     )
     .bind(&presence.device_id)
     .bind(&presence.building_id)
     .bind(online)
     .bind(at)
     .bind(&presence.gateway_run)
+    .bind(presence.refresh)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -126,6 +130,10 @@ impl PresenceMetrics {
         metrics
     }
 }
+
+/// Most lost devices named in one question to a gateway run (about 64 bytes each, well under
+/// NATS's default 1 MiB message); more are asked about a timeout later.
+const MAX_ASKED: i64 = 10_000;
 
 /// Name of the durable consumer every replica shares.
 pub const CONSUMER: &str = "telemetry-presence";
@@ -359,8 +367,11 @@ struct Heard {
     /// Its devices were recorded offline since (no heartbeat came after).
     swept: bool,
     /// It may have devices recorded lost (swept, or first heard here): checked at its next
-    /// heartbeat, and asked to report them again if so.
+    /// heartbeat, and asked where they are if so.
     check_lost: bool,
+    /// When it was last asked where its lost devices are (once per timeout at most: the
+    /// answers take a moment to be recorded).
+    asked: Option<Instant>,
 }
 
 /// Follows the gateways' heartbeats and records the devices a silent gateway run left online
@@ -429,7 +440,11 @@ impl GatewayWatch {
         let mut sweep = tokio::time::interval((self.timeout / 4).min(Duration::from_secs(1)));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let turn = Instant::now();
+            // Heartbeats first: after a slow turn, those that queued meanwhile must count
+            // before any run is judged silent.
             tokio::select! {
+                biased;
                 beat = heartbeats.next() => {
                     let Some(beat) = beat else {
                         return Err("the gateway heartbeat subscription ended".into());
@@ -437,14 +452,17 @@ impl GatewayWatch {
                     match v1::GatewayHeartbeat::decode(beat.payload.as_ref()) {
                         Ok(beat) if !beat.gateway_run.is_empty() => {
                             let at = beat.at.as_ref().and_then(datetime).unwrap_or_else(Utc::now);
-                            let mut check_lost = heard.get(&beat.gateway_run).is_none_or(|h| h.swept || h.check_lost);
-                            if check_lost {
-                                match self.refresh_if_lost(&beat).await {
-                                    Ok(asked) => check_lost = asked,
+                            let previous = heard.get(&beat.gateway_run);
+                            let mut check_lost = previous.is_none_or(|h| h.swept || h.check_lost);
+                            let mut asked = previous.and_then(|h| h.asked);
+                            if check_lost && asked.is_none_or(|at| at.elapsed() >= self.timeout) {
+                                match self.ask_where_lost_devices_are(&beat).await {
+                                    Ok(true) => asked = Some(Instant::now()),
+                                    Ok(false) => check_lost = false,
                                     Err(e) => tracing::warn!(error = %e, "checking a gateway run for lost devices failed; its next heartbeat retries"),
                                 }
                             }
-                            heard.insert(beat.gateway_run, Heard { at, received: Instant::now(), swept: false, check_lost });
+                            heard.insert(beat.gateway_run, Heard { at, received: Instant::now(), swept: false, check_lost, asked });
                         }
                         _ => {
                             self.metrics.bad_heartbeats.inc();
@@ -471,31 +489,51 @@ impl GatewayWatch {
                 }
                 _ = shutdown.cancelled() => return Ok(()),
             }
+            // A turn that waited long on the database (a failover) left heartbeats unread: this
+            // replica's view of the runs is stale until it has listened for a whole timeout.
+            if turn.elapsed() >= self.timeout / 4 {
+                watching_since = Instant::now();
+            }
         }
     }
 
-    /// If run `beat` names has devices recorded lost, asks it to report its devices again;
-    /// returns whether it was asked (then its next heartbeat checks again, until its reports
-    /// have been recorded).
-    async fn refresh_if_lost(&self, beat: &v1::GatewayHeartbeat) -> Result<bool, BoxError> {
-        let lost: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM device_presence WHERE lost AND gateway_run = $1)",
+    /// If the run `beat` names has devices recorded lost, asks it where they are; returns
+    /// whether it was asked (its next heartbeats check again, until the answers are recorded).
+    async fn ask_where_lost_devices_are(
+        &self,
+        beat: &v1::GatewayHeartbeat,
+    ) -> Result<bool, BoxError> {
+        let lost: Vec<(String, String)> = sqlx::query_as(
+            "SELECT device_id, building_id FROM device_presence
+             WHERE lost AND gateway_run = $1 LIMIT $2",
         )
         .bind(&beat.gateway_run)
-        .fetch_one(&self.pool)
+        .bind(MAX_ASKED)
+        .fetch_all(&self.pool)
         .await?;
-        if lost {
-            let subject = gateway_refresh_subject(&beat.gateway_id)?;
-            let refresh = v1::PresenceRefresh {
-                gateway_run: beat.gateway_run.clone(),
-            };
-            self.nats
-                .publish(subject, refresh.encode_to_vec().into())
-                .await?;
-            self.metrics.refreshes.inc();
-            tracing::info!(gateway_run = %beat.gateway_run, "a gateway run recorded lost is alive; asked to report its devices again");
+        if lost.is_empty() {
+            return Ok(false);
         }
-        Ok(lost)
+        let subject = gateway_refresh_subject(&beat.gateway_id)?;
+        let refresh = v1::PresenceRefresh {
+            gateway_run: beat.gateway_run.clone(),
+            devices: lost
+                .into_iter()
+                .map(
+                    |(device_id, building_id)| v1::presence_refresh::LostDevice {
+                        device_id,
+                        building_id,
+                    },
+                )
+                .collect(),
+        };
+        let asked = refresh.devices.len();
+        self.nats
+            .publish(subject, refresh.encode_to_vec().into())
+            .await?;
+        self.metrics.refreshes.inc();
+        tracing::info!(gateway_run = %beat.gateway_run, devices = asked, "a gateway run recorded lost is alive; asked where its devices are");
+        Ok(true)
     }
 
     /// Records offline the devices of the runs silent for longer than the timeout: the runs
@@ -531,7 +569,7 @@ impl GatewayWatch {
                 .get(&run)
                 .map_or_else(|| Utc::now() - self.timeout, |h| h.at);
             let lost = sqlx::query(
-                "UPDATE device_presence SET online = false, lost = true, at = GREATEST(at, $2)
+                "UPDATE device_presence SET online = false, lost = true, lost_at = $2
                  WHERE online AND gateway_run = $1",
             )
             .bind(&run)

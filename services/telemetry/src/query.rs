@@ -205,7 +205,8 @@ pub async fn live_state(
 ) -> Result<Vec<v1::ElevatorState>, sqlx::Error> {
     type StateRow = (Vec<u8>, Option<bool>, Option<DateTime<Utc>>);
     let rows: Vec<StateRow> = sqlx::query_as(
-        "SELECT s.state, p.online, p.at FROM elevator_state s
+        "SELECT s.state, p.online, CASE WHEN p.lost THEN p.lost_at ELSE p.at END
+         FROM elevator_state s
          LEFT JOIN device_presence p ON p.device_id = s.device_id
          WHERE s.building_id = $1 ORDER BY s.device_id",
     )

@@ -396,6 +396,27 @@ async fn publish_presence_from(
     state: v1::PresenceState,
     seconds: i64,
 ) {
+    publish_presence_message(js, run, device, (state, false), seconds).await;
+}
+
+/// Stores gateway run `run`'s answer to a `PresenceRefresh` about building b1's `device`.
+async fn publish_answer(
+    js: &jetstream::Context,
+    run: &str,
+    device: &str,
+    state: v1::PresenceState,
+    seconds: i64,
+) {
+    publish_presence_message(js, run, device, (state, true), seconds).await;
+}
+
+async fn publish_presence_message(
+    js: &jetstream::Context,
+    run: &str,
+    device: &str,
+    (state, refresh): (v1::PresenceState, bool),
+    seconds: i64,
+) {
     use liftwire_proto::naming::{presence_subject, BuildingId, DeviceId};
     let message = v1::Presence {
         device_id: device.into(),
@@ -403,6 +424,7 @@ async fn publish_presence_from(
         state: state as i32,
         at: Some(liftwire_proto::Timestamp { seconds, nanos: 0 }),
         gateway_run: run.into(),
+        refresh,
         ..Default::default()
     };
     let subject = presence_subject(
@@ -602,71 +624,75 @@ async fn devices_of_a_gateway_whose_heartbeats_stop_are_recorded_offline() {
         counter(&rig.ctx, "liftwire_telemetry_presence_devices_lost"),
         3
     );
-    // Offline since the run's last heartbeat, not since the sweep: the device's report through
-    // another gateway, made after the crash, still wins.
+    // Lost as of the run's last heartbeat, not of the sweep; the time of the last reported
+    // change stays, so a report through another gateway made before the loss was noticed wins.
     let pool = rig.pg.pool().await.unwrap();
-    let offline_at: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT at FROM device_presence WHERE device_id = 'elev-2'")
+    let (at, lost_at): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT at, lost_at FROM device_presence WHERE device_id = 'elev-2'")
             .fetch_one(&pool)
             .await
             .unwrap();
     pool.close().await;
     assert!(
-        (silent_since - 2..=silent_since).contains(&offline_at.timestamp()),
-        "offline at {offline_at}, heartbeats stopped at {silent_since}"
+        (silent_since - 2..=silent_since).contains(&lost_at.timestamp()),
+        "lost at {lost_at}, heartbeats stopped at {silent_since}"
     );
-    publish_presence_from(
-        &rig.js,
-        "live",
-        "elev-2",
-        v1::PresenceState::Online,
-        silent_since + 1,
-    )
-    .await;
-    eventually("elev-2 back through the live gateway", || async {
+    assert_eq!(at.timestamp(), t);
+    publish_presence_from(&rig.js, "live", "elev-2", v1::PresenceState::Online, t + 1).await;
+    eventually("elev-2 online through the live gateway", || async {
         recorded_presence(&rig.pg).await[1] == ("elev-2".to_owned(), true)
     })
     .await;
 
-    // The "crashed" run was only stalled: heard again, it is asked to report its devices.
-    let mut refreshes = client
+    // The "crashed" run was only stalled: heard again, it is asked where its lost devices are.
+    let mut questions = client
         .subscribe("lw.v1.gateway.gw-crashed.presence-refresh")
         .await
         .unwrap();
     client.flush().await.unwrap();
     let resumed = heartbeats(client.clone(), "crashed");
-    let refresh = tokio::time::timeout(WAIT, refreshes.next())
+    let question = tokio::time::timeout(WAIT, questions.next())
         .await
-        .expect("a refresh request")
+        .expect("a question")
         .unwrap();
-    assert_eq!(
-        v1::PresenceRefresh::decode(refresh.payload.as_ref())
-            .unwrap()
-            .gateway_run,
-        "crashed"
-    );
-    publish_presence_from(
+    let question = v1::PresenceRefresh::decode(question.payload.as_ref()).unwrap();
+    assert_eq!(question.gateway_run, "crashed");
+    let asked: Vec<&str> = question
+        .devices
+        .iter()
+        .map(|d| d.device_id.as_str())
+        .collect();
+    assert_eq!(asked, ["elev-3"], "elev-2 is no longer lost");
+    // Its answers count only where a device is still lost under it: elev-2's, from an older
+    // question, changes nothing.
+    let now = unix_now();
+    publish_answer(
         &rig.js,
         "crashed",
-        "elev-3",
-        v1::PresenceState::Online,
-        unix_now(),
+        "elev-2",
+        v1::PresenceState::Offline,
+        now,
     )
     .await;
-    eventually("elev-3 reported online again", || async {
+    publish_answer(&rig.js, "crashed", "elev-3", v1::PresenceState::Online, now).await;
+    eventually("elev-3 online again", || async {
         recorded_presence(&rig.pg).await[2] == ("elev-3".to_owned(), true)
     })
     .await;
+    assert_eq!(
+        recorded_presence(&rig.pg).await[1],
+        ("elev-2".to_owned(), true)
+    );
     assert!(counter(&rig.ctx, "liftwire_telemetry_presence_gateway_refreshes") >= 1);
-    // Nothing of the run is recorded lost any more: the requests stop (600 ms without one is
-    // three heartbeats).
+    // Nothing of the run is lost any more: the questions stop (1.5 s without one is more than
+    // the 1 s timeout between two questions).
     let quiet = tokio::time::timeout(WAIT, async {
         while let Ok(Some(_)) =
-            tokio::time::timeout(Duration::from_millis(600), refreshes.next()).await
+            tokio::time::timeout(Duration::from_millis(1500), questions.next()).await
         {}
     })
     .await;
-    assert!(quiet.is_ok(), "refresh requests never stop");
+    assert!(quiet.is_ok(), "questions never stop");
     for task in [live, resumed] {
         task.abort();
         let _ = task.await;
