@@ -74,7 +74,9 @@ fn time(mut lookup: impl FnMut(&str) -> usize, topics: &[String]) -> f64 {
 
 fn main() {
     println!("## Router filter lookup, rumqttd 0.20 vs liftwire patch 7\n");
-    println!("Filters of the devices the replica knows (each device's `down/+` and `down/command`,");
+    println!(
+        "Filters of the devices the replica knows (each device's `down/+` and `down/command`,"
+    );
     println!("each building's `_all/down/+`); topics: watermarks of devices connected elsewhere");
     println!("(no filter matches) and of its own devices (one matches).\n");
     println!("| devices known | filters | no match: scan | no match: index | own device: cache | own device: index |");
