@@ -624,7 +624,11 @@ impl Service for Gateway {
         // A kicked connection closes at its next read, perhaps a keep-alive later: its device
         // is reported offline now, while the presence publisher still runs.
         for client_id in shared.connected() {
-            if let Some(session) = shared.kick(&client_id) {
+            // A connection not yet accepted (no CONNACK) was never reported online.
+            if let Some(session) = shared
+                .kick(&client_id)
+                .filter(|s| s.online.load(Ordering::SeqCst))
+            {
                 shared.presence(session::PresenceChange {
                     identity: session.identity,
                     state: liftwire_proto::v1::PresenceState::Offline,

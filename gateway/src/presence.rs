@@ -102,7 +102,15 @@ impl PresenceBoard {
             refresh,
         };
         let subject = presence_subject(building, device);
-        self.waiting().insert(subject, message);
+        let mut waiting = self.waiting();
+        if refresh {
+            // A change the connections posted says more than an answer to telemetry's question
+            // (which may be late), and counts where the answer would.
+            waiting.entry(subject).or_insert(message);
+        } else {
+            waiting.insert(subject, message);
+        }
+        drop(waiting);
         self.posted.notify_one();
     }
 
@@ -325,6 +333,43 @@ mod tests {
             reason: DisconnectReason::Unspecified,
             at: SystemTime::UNIX_EPOCH + Duration::from_secs(at),
         }
+    }
+
+    #[test]
+    fn an_answer_to_telemetry_never_replaces_a_change_the_connections_posted() {
+        let board = PresenceBoard::new("gw-1".into());
+        let (b1, elev1) = (
+            BuildingId::new("b1").unwrap(),
+            DeviceId::new("elev-1").unwrap(),
+        );
+        let answer = (PresenceState::Online, DisconnectReason::Unspecified);
+        board.post(&change("elev-1", PresenceState::Offline, 10));
+        board.post_refresh(
+            &b1,
+            &elev1,
+            answer,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(11),
+        );
+        let taken = board.take();
+        let kept = &taken["lw.v1.presence.b1.elev-1"];
+        assert_eq!(
+            (kept.state(), kept.refresh),
+            (PresenceState::Offline, false)
+        );
+
+        board.post_refresh(
+            &b1,
+            &elev1,
+            answer,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(12),
+        );
+        board.post(&change("elev-1", PresenceState::Offline, 13));
+        let taken = board.take();
+        let kept = &taken["lw.v1.presence.b1.elev-1"];
+        assert_eq!(
+            (kept.state(), kept.refresh),
+            (PresenceState::Offline, false)
+        );
     }
 
     #[test]

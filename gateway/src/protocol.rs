@@ -68,6 +68,9 @@ impl Bucket {
 #[derive(Debug)]
 struct Connection {
     client_id: Option<String>,
+    /// The connection's client id inside the broker (`{device}~{n}`): the session it
+    /// authenticated is the one with this id, not a newer connection's of the same device.
+    broker_id: Option<String>,
     session: Option<Session>,
     online: bool,
     graceful: bool,
@@ -105,6 +108,7 @@ impl<P> Guard<P> {
             v4,
             conn: Mutex::new(Connection {
                 client_id: None,
+                broker_id: None,
                 session: None,
                 online: false,
                 graceful: false,
@@ -148,6 +152,12 @@ impl<P> Guard<P> {
         let client = self.conn().client_id.clone().unwrap_or_default();
         tracing::warn!(device = %client, reason, error = %error, "closing connection: packet refused");
         error
+    }
+
+    /// The session this connection authenticated, if it is still the device's current one.
+    fn own_session(&self, conn: &Connection) -> Option<Session> {
+        let session = self.shared.session(conn.client_id.as_deref()?)?;
+        (conn.broker_id.as_deref() == Some(session.broker_id.as_str())).then_some(session)
     }
 
     fn drop_uplink(&self, reason: &'static str) {
@@ -217,9 +227,7 @@ impl<P: Protocol> Protocol for Guard<P> {
         let session = {
             let mut conn = self.conn();
             if conn.session.is_none() {
-                if let Some(id) = conn.client_id.as_deref() {
-                    conn.session = self.shared.session(id);
-                }
+                conn.session = self.own_session(&conn);
             }
             conn.session.clone()
         };
@@ -245,6 +253,7 @@ impl<P: Protocol> Protocol for Guard<P> {
                 // the outbox and the retained downlink carry what a persistent session would.
                 let n = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
                 connect.client_id = format!("{}{BROKER_ID_SEPARATOR}{n}", connect.client_id);
+                self.conn().broker_id = Some(connect.client_id.clone());
                 connect.clean_session = true;
                 Ok(Packet::Connect(connect, properties, None, None, login))
             }
@@ -348,11 +357,7 @@ impl<P: Protocol> Protocol for Guard<P> {
                 if ack.code == ConnectReturnCode::Success {
                     let mut conn = self.conn();
                     if !conn.online {
-                        if let Some(session) = conn
-                            .client_id
-                            .as_deref()
-                            .and_then(|id| self.shared.session(id))
-                        {
+                        if let Some(session) = self.own_session(&conn) {
                             conn.online = true;
                             session.online.store(true, Ordering::SeqCst);
                             self.shared.metrics.connections.inc();

@@ -182,6 +182,7 @@ async fn each_gateway_run_names_itself_in_presence_and_sends_heartbeats_while_it
         .unwrap();
     let mut presence = client.subscribe("lw.v1.presence.b1.elev-1").await.unwrap();
     let mut elsewhere = client.subscribe("lw.v1.presence.b2.elev-9").await.unwrap();
+    let mut unasked = client.subscribe("lw.v1.presence.b2.elev-8").await.unwrap();
     client.flush().await.unwrap();
     let mut runs = Vec::new();
     let mut secret = None;
@@ -223,10 +224,16 @@ async fn each_gateway_run_names_itself_in_presence_and_sends_heartbeats_while_it
             device_id: device.into(),
             building_id: building.into(),
         };
-        for run in ["another-run", online.gateway_run.as_str()] {
+        for (run, devices) in [
+            ("another-run", vec![lost("elev-8", "b2")]),
+            (
+                online.gateway_run.as_str(),
+                vec![lost("elev-1", "b1"), lost("elev-9", "b2")],
+            ),
+        ] {
             let refresh = v1::PresenceRefresh {
                 gateway_run: run.into(),
-                devices: vec![lost("elev-1", "b1"), lost("elev-9", "b2")],
+                devices,
             };
             client
                 .publish(
@@ -250,6 +257,13 @@ async fn each_gateway_run_names_itself_in_presence_and_sends_heartbeats_while_it
                 true,
                 online.gateway_run.as_str()
             )
+        );
+        // The question to another run (asked first) got no answer.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), unasked.next())
+                .await
+                .is_err(),
+            "a question to another run was answered"
         );
         device.client.disconnect().await.unwrap();
         let offline = v1::Presence::decode(next(&mut presence).await.payload.as_ref()).unwrap();

@@ -216,13 +216,16 @@ impl Presence {
                     }
                 }
             };
+            // The census first: during an outage a redelivered change is ready at every turn,
+            // and a fair choice could put the gauge off for many seconds.
             let message = tokio::select! {
-                message = messages.next() => message,
+                biased;
+                _ = shutdown.cancelled() => break,
                 _ = census.tick() => {
                     self.count_pending().await;
                     continue;
                 }
-                _ = shutdown.cancelled() => break,
+                message = messages.next() => message,
             };
             let message = match message {
                 Some(Ok(message)) => message,
@@ -440,12 +443,13 @@ impl GatewayWatch {
         let mut sweep = tokio::time::interval((self.timeout / 4).min(Duration::from_secs(1)));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let turn = Instant::now();
-            // Heartbeats first: after a slow turn, those that queued meanwhile must count
-            // before any run is judged silent.
-            tokio::select! {
+            // Heartbeats before sweeps: after a slow turn, those that queued meanwhile must
+            // count before any run is judged silent.
+            let worked = tokio::select! {
                 biased;
+                _ = shutdown.cancelled() => return Ok(()),
                 beat = heartbeats.next() => {
+                    let started = Instant::now();
                     let Some(beat) = beat else {
                         return Err("the gateway heartbeat subscription ended".into());
                     };
@@ -469,8 +473,10 @@ impl GatewayWatch {
                             tracing::debug!(subject = %beat.subject, "ignoring a malformed gateway heartbeat");
                         }
                     }
+                    started.elapsed()
                 }
                 _ = sweep.tick() => {
+                    let started = Instant::now();
                     if self.nats.connection_state() != async_nats::connection::State::Connected {
                         watching_since = Instant::now();
                         continue;
@@ -486,12 +492,12 @@ impl GatewayWatch {
                     }
                     // Runs silent for long are gone for good (or their devices are offline).
                     heard.retain(|_, h| h.received.elapsed() < self.timeout * 10);
+                    started.elapsed()
                 }
-                _ = shutdown.cancelled() => return Ok(()),
-            }
-            // A turn that waited long on the database (a failover) left heartbeats unread: this
+            };
+            // Work that waited long on the database (a failover) left heartbeats unread: this
             // replica's view of the runs is stale until it has listened for a whole timeout.
-            if turn.elapsed() >= self.timeout / 4 {
+            if worked >= self.timeout / 4 {
                 watching_since = Instant::now();
             }
         }
@@ -552,6 +558,17 @@ impl GatewayWatch {
             .map(|(run, _)| run.clone())
             .collect();
         if list {
+            // Runs with devices recorded lost, perhaps by another replica that stopped hearing
+            // them: if this replica still hears them, they are asked at their next heartbeat.
+            let lost: Vec<String> =
+                sqlx::query_scalar("SELECT DISTINCT gateway_run FROM device_presence WHERE lost")
+                    .fetch_all(&self.pool)
+                    .await?;
+            for run in lost {
+                if let Some(h) = heard.get_mut(&run) {
+                    h.check_lost = true;
+                }
+            }
             let holding: Vec<String> = sqlx::query_scalar(
                 "SELECT DISTINCT gateway_run FROM device_presence WHERE online AND gateway_run <> ''",
             )
@@ -569,7 +586,7 @@ impl GatewayWatch {
                 .get(&run)
                 .map_or_else(|| Utc::now() - self.timeout, |h| h.at);
             let lost = sqlx::query(
-                "UPDATE device_presence SET online = false, lost = true, lost_at = $2
+                "UPDATE device_presence SET online = false, lost = true, lost_at = GREATEST(at, $2)
                  WHERE online AND gateway_run = $1",
             )
             .bind(&run)
