@@ -294,16 +294,7 @@ async fn keep_alive_closes_a_silent_device_and_spares_one_that_pings() {
         let secret = provision(&gw, "b1", device, DeviceKind::Elevator).await;
         let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         // Keep-alive 1 s: the gateway may close after 1.5 s without a packet.
-        stream
-            .write_all(&mqtt::connect(device, Some((device, &secret)), 1))
-            .await
-            .unwrap();
-        let mut connack = [0u8; 4];
-        tokio::time::timeout(WAIT, stream.read_exact(&mut connack))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(connack, mqtt::CONNACK_ACCEPTED);
+        common::login_with_keep_alive(&mut stream, device, &secret, 1).await;
         // The silent device's keep-alive runs from here.
         started.get_or_insert_with(std::time::Instant::now);
         streams.push(stream);

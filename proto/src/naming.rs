@@ -436,20 +436,20 @@ pub const GATEWAY_HEARTBEAT_FILTER: &str = "lw.v1.gateway.*.heartbeat";
 
 /// Subject of gateway `gateway_id`'s heartbeats (core NATS, never stored).
 pub fn gateway_heartbeat_subject(gateway_id: &str) -> Result<String, NameError> {
-    validate_id(gateway_id).map_err(|source| NameError::Id {
-        field: "gateway_id",
-        source,
-    })?;
-    Ok(format!("{NATS_ROOT}.gateway.{gateway_id}.heartbeat"))
+    gateway_subject(gateway_id, "heartbeat")
 }
 
 /// Subject on which gateway `gateway_id` takes presence refresh requests (core NATS).
 pub fn gateway_refresh_subject(gateway_id: &str) -> Result<String, NameError> {
+    gateway_subject(gateway_id, "presence-refresh")
+}
+
+fn gateway_subject(gateway_id: &str, endpoint: &str) -> Result<String, NameError> {
     validate_id(gateway_id).map_err(|source| NameError::Id {
         field: "gateway_id",
         source,
     })?;
-    Ok(format!("{NATS_ROOT}.gateway.{gateway_id}.presence-refresh"))
+    Ok(format!("{NATS_ROOT}.gateway.{gateway_id}.{endpoint}"))
 }
 
 /// Subject of dead letters from `source` (a component name such as `gateway`).

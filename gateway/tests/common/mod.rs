@@ -362,9 +362,17 @@ pub async fn login<S>(stream: &mut S, device: &str, secret: &str)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    login_with_keep_alive(stream, device, secret, 30).await;
+}
+
+/// [`login`] with a keep-alive of `keep_alive` seconds.
+pub async fn login_with_keep_alive<S>(stream: &mut S, device: &str, secret: &str, keep_alive: u16)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
-        .write_all(&connect_packet(device, secret))
+        .write_all(&mqtt::connect(device, Some((device, secret)), keep_alive))
         .await
         .unwrap();
     let mut connack = [0u8; 4];
