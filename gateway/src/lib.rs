@@ -625,10 +625,7 @@ impl Service for Gateway {
         // is reported offline now, while the presence publisher still runs.
         for client_id in shared.connected() {
             // A connection not yet accepted (no CONNACK) was never reported online.
-            if let Some(session) = shared
-                .kick(&client_id)
-                .filter(|s| s.online.load(Ordering::SeqCst))
-            {
+            if let Some(session) = shared.kick(&client_id).filter(|s| s.online.get().is_some()) {
                 shared.presence(session::PresenceChange {
                     identity: session.identity,
                     state: liftwire_proto::v1::PresenceState::Offline,

@@ -359,13 +359,14 @@ impl<P: Protocol> Protocol for Guard<P> {
                     if !conn.online {
                         if let Some(session) = self.own_session(&conn) {
                             conn.online = true;
-                            session.online.store(true, Ordering::SeqCst);
+                            let at = SystemTime::now();
+                            let _ = session.online.set(at);
                             self.shared.metrics.connections.inc();
                             self.shared.presence(PresenceChange {
                                 identity: session.identity.clone(),
                                 state: PresenceState::Online,
                                 reason: DisconnectReason::Unspecified,
-                                at: SystemTime::now(),
+                                at,
                             });
                             conn.session = Some(session);
                         }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -29,9 +29,9 @@ pub struct Session {
     pub kicked: Arc<AtomicBool>,
     /// Version of the credentials the device logged in with ([`crate::registry::Login`]).
     pub credentials: DateTime<Utc>,
-    /// Set once its CONNACK went out and it was reported online (a connection that dies before
-    /// is never reported offline either).
-    pub online: Arc<AtomicBool>,
+    /// When its CONNACK went out and it was reported online; unset before (a connection that
+    /// dies before is never reported offline either).
+    pub online: Arc<OnceLock<SystemTime>>,
 }
 
 /// A device message accepted by the access rules, on its way to JetStream.
@@ -149,7 +149,7 @@ impl Shared {
             broker_id,
             kicked: Arc::new(AtomicBool::new(false)),
             credentials,
-            online: Arc::new(AtomicBool::new(false)),
+            online: Arc::new(OnceLock::new()),
         };
         let previous = sessions.insert(device, session);
         if let Some(previous) = &previous {
@@ -182,27 +182,34 @@ impl Shared {
     }
 
     /// Answers telemetry's question where `devices` are (it recorded them lost with this run):
-    /// online, now, for each one connected here and reported online, offline for the others.
-    /// Returns how many are online. Posted under the sessions' lock, so a connection that ends
-    /// meanwhile is reported offline after this, and stays offline.
+    /// online for each one connected here and reported online, offline (now) for the others.
+    /// Returns how many are online.
+    ///
+    /// An online answer carries the time its connection was accepted, not now: if the device
+    /// connected to another gateway since (this connection is a leftover the keep-alive has not
+    /// closed yet), that gateway's report is newer and wins, in whatever order telemetry gets
+    /// the two. Posted under the sessions' lock, so a connection that ends meanwhile is reported
+    /// offline after this, and stays offline.
     pub fn refresh(&self, devices: &[(BuildingId, DeviceId)]) -> usize {
         let sessions = self.sessions();
-        let at = SystemTime::now();
+        let now = SystemTime::now();
         let mut online = 0;
         for (building, device) in devices {
-            let held = sessions.get(device.as_str()).filter(|s| {
-                s.identity.building == *building
-                    && s.online.load(Ordering::SeqCst)
-                    && !s.kicked.load(Ordering::SeqCst)
-            });
-            let (state, reason) = if held.is_some() {
-                online += 1;
-                (PresenceState::Online, DisconnectReason::Unspecified)
-            } else {
-                (PresenceState::Offline, DisconnectReason::ConnectionLost)
+            let accepted = sessions
+                .get(device.as_str())
+                .filter(|s| s.identity.building == *building && !s.kicked.load(Ordering::SeqCst))
+                .and_then(|s| s.online.get().copied());
+            let (state, at) = match accepted {
+                Some(at) => {
+                    online += 1;
+                    ((PresenceState::Online, DisconnectReason::Unspecified), at)
+                }
+                None => (
+                    (PresenceState::Offline, DisconnectReason::ConnectionLost),
+                    now,
+                ),
             };
-            self.presence
-                .post_refresh(building, device, (state, reason), at);
+            self.presence.post_refresh(building, device, state, at);
         }
         online
     }

@@ -698,6 +698,48 @@ async fn devices_of_a_gateway_whose_heartbeats_stop_are_recorded_offline() {
 }
 
 #[tokio::test]
+async fn a_leftover_connections_answer_never_beats_the_gateway_the_device_moved_to() {
+    let rig = Rig::start().await;
+    let client = rig.nats.client().await.unwrap();
+    let t0 = unix_now() - 60;
+    publish_presence_from(&rig.js, "a", "elev-7", v1::PresenceState::Online, t0).await;
+    let a = heartbeats(client.clone(), "a");
+    eventually("elev-7 online", || async {
+        recorded_presence(&rig.pg).await == [("elev-7".to_owned(), true)]
+    })
+    .await;
+    // Gateway a is cut off: elev-7 is recorded lost.
+    a.abort();
+    let _ = a.await;
+    eventually("elev-7 lost", || async {
+        recorded_presence(&rig.pg).await == [("elev-7".to_owned(), false)]
+    })
+    .await;
+    // a comes back still holding the connection elev-7 left (its keep-alive has not closed it),
+    // and answers online as of that connection's acceptance; elev-7's report through gateway b,
+    // where it is really connected since t0 + 30, is recorded after that answer.
+    publish_answer(&rig.js, "a", "elev-7", v1::PresenceState::Online, t0).await;
+    publish_presence_from(&rig.js, "b", "elev-7", v1::PresenceState::Online, t0 + 30).await;
+    // Then a's keep-alive closes the leftover.
+    publish_presence_from(&rig.js, "a", "elev-7", v1::PresenceState::Offline, t0 + 40).await;
+    publish_presence_from(&rig.js, "b", "elev-8", v1::PresenceState::Online, t0 + 41).await;
+    eventually("every change recorded", || async {
+        recorded_presence(&rig.pg).await.len() == 2
+    })
+    .await;
+    let pool = rig.pg.pool().await.unwrap();
+    let (online, run): (bool, String) = sqlx::query_as(
+        "SELECT online, gateway_run FROM device_presence WHERE device_id = 'elev-7'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    assert_eq!((online, run.as_str()), (true, "b"));
+    rig.stop().await;
+}
+
+#[tokio::test]
 async fn an_offline_report_from_a_gateway_that_no_longer_holds_the_device_is_ignored() {
     let rig = Rig::start().await;
     let client = rig.nats.client().await.unwrap();
