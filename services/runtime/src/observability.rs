@@ -353,6 +353,16 @@ mod tests {
         });
     }
 
+    /// Runs `test` with spans traced by a tracer that samples as [`sampler`]`(ratio)` does.
+    fn with_sampler(ratio: f64, test: impl FnOnce()) {
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(sampler(ratio))
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, test);
+    }
+
     fn sampled(span: &tracing::Span) -> bool {
         span.context().span().span_context().is_sampled()
     }
@@ -369,12 +379,7 @@ mod tests {
             headers
         };
         for (ratio, started_sampled) in [(0.0, false), (1.0, true)] {
-            let provider = SdkTracerProvider::builder()
-                .with_sampler(sampler(ratio))
-                .build();
-            let subscriber = tracing_subscriber::registry()
-                .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-            tracing::subscriber::with_default(subscriber, || {
+            with_sampler(ratio, || {
                 let ingress = tracing::info_span!("mqtt_ingress");
                 assert_eq!(sampled(&ingress), started_sampled, "ratio {ratio}");
                 // What the gateway decided travels in the headers and is followed.
@@ -395,12 +400,7 @@ mod tests {
 
     #[test]
     fn a_head_sampling_decision_is_kept_whatever_the_ratio() {
-        let provider = SdkTracerProvider::builder()
-            .with_sampler(sampler(0.0))
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        tracing::subscriber::with_default(subscriber, || {
+        with_sampler(0.0, || {
             let decided = tracing::info_span!("mqtt_ingress", sampling.priority = 1);
             assert!(sampled(&decided), "the creator's decision stands");
             let mut headers = async_nats::HeaderMap::new();
@@ -415,12 +415,7 @@ mod tests {
 
     #[test]
     fn an_unsampled_traceparent_is_valid_fresh_and_followed() {
-        let provider = SdkTracerProvider::builder()
-            .with_sampler(sampler(1.0))
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        tracing::subscriber::with_default(subscriber, || {
+        with_sampler(1.0, || {
             let mut ids = Vec::new();
             for _ in 0..2 {
                 let mut headers = async_nats::HeaderMap::new();

@@ -369,8 +369,8 @@ struct Heard {
     received: Instant,
     /// Its devices were recorded offline since (no heartbeat came after).
     swept: bool,
-    /// It may have devices recorded lost (swept, or first heard here): checked at its next
-    /// heartbeat, and asked where they are if so.
+    /// It may have devices recorded lost (swept, flagged by a listing, or first heard here):
+    /// checked at its next heartbeat, and asked where they are if so.
     check_lost: bool,
     /// When it was last asked where its lost devices are (once per timeout at most: the
     /// answers take a moment to be recorded).
@@ -457,7 +457,7 @@ impl GatewayWatch {
                         Ok(beat) if !beat.gateway_run.is_empty() => {
                             let at = beat.at.as_ref().and_then(datetime).unwrap_or_else(Utc::now);
                             let previous = heard.get(&beat.gateway_run);
-                            let mut check_lost = previous.is_none_or(|h| h.swept || h.check_lost);
+                            let mut check_lost = previous.is_none_or(|h| h.check_lost);
                             let mut asked = previous.and_then(|h| h.asked);
                             if check_lost && asked.is_none_or(|at| at.elapsed() >= self.timeout) {
                                 match self.ask_where_lost_devices_are(&beat).await {
@@ -595,7 +595,9 @@ impl GatewayWatch {
             .await?
             .rows_affected();
             if let Some(h) = heard.get_mut(&run) {
+                // Asked where its devices are, should it be heard again.
                 h.swept = true;
+                h.check_lost = true;
             }
             if lost > 0 {
                 self.metrics.runs_lost.inc();
