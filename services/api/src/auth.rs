@@ -27,7 +27,7 @@ pub enum Role {
     Technician,
 }
 
-/// The claims liftwire reads from a token.
+/// The claims of a token liftwire signs itself (`liftwire-api mint-token`, development only).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// Subject: the user id.
@@ -45,6 +45,21 @@ pub struct Claims {
     /// Buildings the user may see (ignored for admins).
     #[serde(default)]
     pub buildings: Vec<String>,
+}
+
+/// What liftwire takes from a verified token. `aud` (a string or an array, as identity providers
+/// send it), `iss`, `exp` and `nbf` are checked by the validation, not read here; `iat` is not
+/// needed. `sub` and `exp` are required by the validation, which runs after this is read: their
+/// defaults only let a token without them be refused as such rather than as malformed.
+#[derive(Debug, Deserialize)]
+struct VerifiedClaims {
+    #[serde(default)]
+    sub: String,
+    #[serde(default)]
+    exp: u64,
+    role: Role,
+    #[serde(default)]
+    buildings: Vec<String>,
 }
 
 /// `[auth]` settings.
@@ -277,6 +292,7 @@ impl Authenticator {
         validation.set_issuer(&[&config.issuer]);
         validation.set_audience(&[&config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = config.leeway.as_secs();
         Ok(Self {
             hs256,
@@ -311,16 +327,18 @@ impl Authenticator {
         };
         let mut validation = self.validation.clone();
         validation.algorithms = vec![alg];
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
-            ApiError::Unauthenticated(match e.kind() {
-                ErrorKind::ExpiredSignature => "token expired",
-                ErrorKind::InvalidAudience => "token has the wrong audience",
-                ErrorKind::InvalidIssuer => "token has the wrong issuer",
-                ErrorKind::InvalidSignature => "token signature is invalid",
-                ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
-                _ => "token is malformed",
-            })
-        })?;
+        let data =
+            jsonwebtoken::decode::<VerifiedClaims>(token, &key, &validation).map_err(|e| {
+                ApiError::Unauthenticated(match e.kind() {
+                    ErrorKind::ExpiredSignature => "token expired",
+                    ErrorKind::ImmatureSignature => "token is not valid yet",
+                    ErrorKind::InvalidAudience => "token has the wrong audience",
+                    ErrorKind::InvalidIssuer => "token has the wrong issuer",
+                    ErrorKind::InvalidSignature => "token signature is invalid",
+                    ErrorKind::MissingRequiredClaim(_) => "token lacks a required claim",
+                    _ => "token is malformed",
+                })
+            })?;
         let claims = data.claims;
         let buildings = claims
             .buildings
@@ -410,6 +428,12 @@ pub fn mint(
     )?)
 }
 
+/// The credentials of a `Bearer` authorization header (the scheme is case-insensitive, RFC 9110).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
@@ -418,13 +442,14 @@ impl FromRequestParts<AppState> for Principal {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or(ApiError::Unauthenticated("missing bearer token"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthenticated(
-                "authorization is not a bearer token",
-            ))?;
+        let token =
+            header
+                .to_str()
+                .ok()
+                .and_then(bearer_token)
+                .ok_or(ApiError::Unauthenticated(
+                    "authorization is not a bearer token",
+                ))?;
         let token = token.trim();
         let principal = state.auth.verify(token).await?;
         // Keyed by the signature: one bucket per token.

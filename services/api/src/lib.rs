@@ -146,6 +146,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         )
         .layer(axum::middleware::from_fn(traced))
         .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -176,7 +177,7 @@ pub struct Me {
     pub subject: String,
     /// Role.
     pub role: Role,
-    /// Buildings in scope (every building for admins).
+    /// Buildings listed in the token; an admin's scope is every building, whatever this lists.
     pub buildings: Vec<String>,
 }
 

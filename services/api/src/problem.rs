@@ -29,6 +29,12 @@ pub enum ApiError {
     /// The request body is larger than the configured limit.
     #[error("the request body is too large")]
     PayloadTooLarge,
+    /// The request body is not JSON (`Content-Type` must be `application/json`).
+    #[error("the request body must be application/json")]
+    UnsupportedMediaType,
+    /// The route exists, but not with this method.
+    #[error("this method is not allowed here")]
+    MethodNotAllowed,
     /// A backend service did not answer in time.
     #[error("the service is unavailable, try again")]
     Unavailable,
@@ -47,7 +53,8 @@ pub struct Problem {
     /// What went wrong in this request (never internal details).
     detail: String,
     /// Stable machine-readable code: `unauthenticated`, `forbidden`, `not_found`, `bad_request`,
-    /// `conflict`, `payload_too_large`, `too_many_requests`, `unavailable`.
+    /// `conflict`, `payload_too_large`, `unsupported_media_type`, `method_not_allowed`,
+    /// `too_many_requests`, `unavailable`.
     code: &'static str,
 }
 
@@ -67,6 +74,16 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 "Payload too large",
+            ),
+            ApiError::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Unsupported media type",
+            ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
             ),
             ApiError::TooManyRequests(_) => (
                 StatusCode::TOO_MANY_REQUESTS,

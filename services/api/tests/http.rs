@@ -50,10 +50,25 @@ impl Server {
     }
 
     async fn get(&self, path: &str, token: Option<&str>) -> (u16, serde_json::Value, String) {
+        self.get_authorized(path, token.map(|token| format!("Bearer {token}")))
+            .await
+    }
+
+    /// GET with `authorization` as the whole Authorization header.
+    async fn get_authorized(
+        &self,
+        path: &str,
+        authorization: Option<String>,
+    ) -> (u16, serde_json::Value, String) {
         let mut request = reqwest::Client::new().get(format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
         }
+        Self::send(request).await
+    }
+
+    /// Sends `request`; returns its status, JSON body (`null` if none) and content type.
+    async fn send(request: reqwest::RequestBuilder) -> (u16, serde_json::Value, String) {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
         let content_type = response
@@ -76,6 +91,45 @@ impl Server {
 
 fn token_with(config: &AuthConfig, ttl: Duration) -> String {
     mint(config, "alice", Role::Manager, &["mc-larvotto".into()], ttl).unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Signs `claims` with the test secret, as an identity provider would whatever their shape.
+fn signed(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Claims `auth_config()` accepts, valid for a minute, with `changes` applied (`null` removes one).
+fn claims_with(changes: serde_json::Value) -> serde_json::Value {
+    let config = auth_config();
+    let mut claims = serde_json::json!({
+        "sub": "alice",
+        "iss": config.issuer,
+        "aud": config.audience,
+        "exp": now() + 60,
+        "iat": now(),
+        "role": "manager",
+        "buildings": ["mc-larvotto"],
+    });
+    for (name, value) in changes.as_object().unwrap() {
+        if value.is_null() {
+            claims.as_object_mut().unwrap().remove(name);
+        } else {
+            claims[name] = value.clone();
+        }
+    }
+    claims
 }
 
 #[tokio::test]
@@ -104,30 +158,13 @@ async fn valid_token_shows_its_principal() {
 async fn authentication_failures_are_problems() {
     let server = Server::start().await;
     let good = token_with(&auth_config(), Duration::from_secs(60));
-    let expired = {
-        // Issued two minutes ago with a one-minute lifetime.
-        let mut config = auth_config();
-        config.leeway = Duration::ZERO;
-        let claims = liftwire_api::auth::Claims {
-            sub: "alice".into(),
-            iss: config.issuer.clone(),
-            aud: config.audience.clone(),
-            exp: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs()
-                - 60,
-            iat: 0,
-            role: Role::Manager,
-            buildings: vec![],
-        };
-        jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &claims,
-            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
-    };
+    let expired = signed(claims_with(serde_json::json!({ "exp": now() - 60 })));
+    let wrong_issuer = signed(claims_with(
+        serde_json::json!({ "iss": "https://other.example" }),
+    ));
+    let not_yet_valid = signed(claims_with(serde_json::json!({ "nbf": now() + 60 })));
+    let without_subject = signed(claims_with(serde_json::json!({ "sub": null })));
+    let without_expiry = signed(claims_with(serde_json::json!({ "exp": null })));
     let wrong_audience = token_with(
         &AuthConfig {
             audience: "another-api".into(),
@@ -158,18 +195,67 @@ async fn authentication_failures_are_problems() {
             Some(wrong_audience.as_str()),
             "token has the wrong audience",
         ),
+        (Some(wrong_issuer.as_str()), "token has the wrong issuer"),
+        (Some(not_yet_valid.as_str()), "token is not valid yet"),
+        (
+            Some(without_subject.as_str()),
+            "token lacks a required claim",
+        ),
+        (
+            Some(without_expiry.as_str()),
+            "token lacks a required claim",
+        ),
         (Some(wrong_key.as_str()), "token signature is invalid"),
-        (Some(tampered.as_str()), ""),
+        (Some(tampered.as_str()), "token signature is invalid"),
         (Some("not-a-jwt"), "token is malformed"),
     ] {
         let (status, body, content_type) = server.get("/api/v1/me", token).await;
         assert_eq!(status, 401, "{detail}: {body}");
         assert_eq!(content_type, "application/problem+json");
         assert_eq!(body["code"], "unauthenticated");
-        if !detail.is_empty() {
-            assert_eq!(body["detail"], detail);
-        }
+        assert_eq!(body["detail"], detail, "{token:?}");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_in_the_shapes_identity_providers_send_are_accepted() {
+    let server = Server::start().await;
+    let config = auth_config();
+    // An audience list (Keycloak's default), no `iat`, an `nbf` already past, and a lower-case
+    // scheme (RFC 9110: case-insensitive).
+    for (claims, scheme) in [
+        (
+            claims_with(serde_json::json!({ "aud": [config.audience, "account"] })),
+            "Bearer",
+        ),
+        (claims_with(serde_json::json!({ "iat": null })), "Bearer"),
+        (
+            claims_with(serde_json::json!({ "nbf": now() - 5 })),
+            "Bearer",
+        ),
+        (claims_with(serde_json::json!({})), "bearer"),
+    ] {
+        let (status, body, _) = server
+            .get_authorized(
+                "/api/v1/me",
+                Some(format!("{scheme} {}", signed(claims.clone()))),
+            )
+            .await;
+        assert_eq!(status, 200, "{claims} {scheme}: {body}");
+        assert_eq!(body["subject"], "alice");
+    }
+    // An audience list without ours is still refused.
+    let (status, body, _) = server
+        .get(
+            "/api/v1/me",
+            Some(&signed(claims_with(
+                serde_json::json!({ "aud": ["account", "other"] }),
+            ))),
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["detail"], "token has the wrong audience");
     server.stop().await;
 }
 
@@ -180,6 +266,67 @@ async fn unknown_routes_are_problems() {
     assert_eq!(status, 404);
     assert_eq!(content_type, "application/problem+json");
     assert_eq!(body["code"], "not_found");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_before_any_service_is_asked() {
+    // No telemetry or gateway service runs here: a request that got past the door would be
+    // answered 503 (no responders) or 403 (the manager may not act).
+    let server = Server::start().await;
+    let token = token_with(&auth_config(), Duration::from_secs(60));
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", server.base);
+    let acknowledge = url("/api/v1/buildings/mc-larvotto/alerts/1/acknowledge");
+    for (request, status, code, detail) in [
+        // A NUL would fail the services' queries (PostgreSQL text cannot hold it).
+        (
+            http.get(url("/api/v1/buildings?cursor=%00")),
+            400,
+            "bad_request",
+            "text must not contain a NUL character",
+        ),
+        (
+            http.get(url("/api/v1/buildings/mc-larvotto%00/events")),
+            400,
+            "bad_request",
+            "text must not contain a NUL character",
+        ),
+        (
+            http.post(&acknowledge)
+                .json(&serde_json::json!({ "note": "a\u{0}b" })),
+            400,
+            "bad_request",
+            "text must not contain a NUL character",
+        ),
+        (
+            http.post(&acknowledge)
+                .header("content-type", "text/plain")
+                .body("note"),
+            415,
+            "unsupported_media_type",
+            "the request body must be application/json",
+        ),
+        (
+            http.delete(url("/api/v1/buildings")),
+            405,
+            "method_not_allowed",
+            "this method is not allowed here",
+        ),
+        // An empty body reads as `{}` (the note is optional): on to the role check.
+        (
+            http.post(&acknowledge),
+            403,
+            "forbidden",
+            "not allowed for this token",
+        ),
+    ] {
+        let (got, body, content_type) = Server::send(request.bearer_auth(&token)).await;
+        assert_eq!(got, status, "{body}");
+        assert_eq!(content_type, "application/problem+json");
+        assert_eq!(body["code"], code);
+        assert_eq!(body["detail"], detail);
+    }
     server.stop().await;
 }
 
