@@ -262,11 +262,28 @@ async fn commands(c: &Control, r: v1::CommandsRequest) -> Result<v1::CommandsRep
     device_in(c.registry.pool(), &building, &device).await?;
     let limit = limit(&r.page)?;
     let before = r.page.map(|p| p.cursor).unwrap_or_default();
+    // A cursor is the last command id of the previous page: one of this device's commands.
+    if !before.is_empty() {
+        let known: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM device_commands
+                            WHERE command_id = $1 AND device_id = $2 AND building_id = $3)",
+        )
+        .bind(&before)
+        .bind(device.as_str())
+        .bind(building.as_str())
+        .fetch_one(c.registry.pool())
+        .await
+        .map_err(|e| EndpointError::unavailable(&e))?;
+        if !known {
+            return Err(EndpointError::bad_request("invalid cursor"));
+        }
+    }
     let rows: Vec<CommandRow> = sqlx::query_as(&format!(
         "SELECT {COMMAND_COLUMNS} FROM device_commands
          WHERE device_id = $1 AND building_id = $2 AND ($3 = '' OR command_id = $3)
            AND ($4 = '' OR (requested_at, command_id) <
-                (SELECT requested_at, command_id FROM device_commands WHERE command_id = $4))
+                (SELECT requested_at, command_id FROM device_commands
+                 WHERE command_id = $4 AND device_id = $1 AND building_id = $2))
          ORDER BY requested_at DESC, command_id DESC LIMIT $5"
     ))
     .bind(device.as_str())

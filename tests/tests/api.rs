@@ -328,6 +328,27 @@ async fn every_route_is_scoped_validated_and_paginated() {
         let path = format!("/api/v1/buildings/mc-a/{query}?{range}&elevator=elev-b1");
         assert_eq!(http.get(&path, &manager_a).await.0, 404, "{path}");
     }
+    // Building A's lists hold A's elevator and never B's (both have data in the range).
+    for (method, path, _) in routes("mc-a", "elev-a1", alert_a) {
+        let list = path.ends_with("/live")
+            || path.ends_with("/elevators")
+            || path.contains("/events?")
+            || path.contains("/incidents?")
+            || path.contains("/kpis?")
+            || path.ends_with("/alerts")
+            || path.ends_with("/devices");
+        if method != "GET" || !list {
+            continue;
+        }
+        let (status, body) = http.get(&path, &manager_a).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let text = body.to_string();
+        assert!(text.contains("elev-a1"), "{path}: {text}");
+        assert!(
+            !text.contains("elev-b1") && !text.contains("mc-b"),
+            "{path}: {text}"
+        );
+    }
     let (_, buildings) = http.get("/api/v1/buildings", &manager_a).await;
     let ids: Vec<&str> = buildings["items"]
         .as_array()
@@ -545,6 +566,13 @@ async fn every_route_is_scoped_validated_and_paginated() {
     .await;
     let (_, listed) = http.get(commands, &manager_a).await;
     assert_eq!(listed["items"][0]["detail"], "bundle uploaded");
+    // A cursor is one of this elevator's commands: an unknown one is refused rather than read as
+    // the end of the list.
+    for (cursor, expected) in [(command_id.as_str(), 200), ("garbage", 400)] {
+        let path = format!("{commands}?cursor={cursor}");
+        let (status, body) = http.get(&path, &manager_a).await;
+        assert_eq!(status, expected, "{path}: {body}");
+    }
 
     // --- The OpenAPI document needs no token ----------------------------------------------------
     let doc: Value = reqwest::get(format!("{}/api/v1/openapi.json", http.base))
