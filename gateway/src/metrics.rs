@@ -36,6 +36,8 @@ pub struct Metrics {
     pub uplink_messages: Family<Kind, Counter>,
     /// Uplink messages dead-lettered.
     pub uplink_rejects: Family<Reason, Counter>,
+    /// Uplink messages bridged with flawed content, for their consumers to judge.
+    pub uplink_flaws: Family<Reason, Counter>,
     /// Dead letters that could not be stored (their rejection is still counted).
     pub dead_letter_failures: Counter,
     /// Uplink messages dropped before the bridge (rate limit, full queue, draining).
@@ -71,6 +73,7 @@ impl Metrics {
             packet_errors: Family::default(),
             uplink_messages: Family::default(),
             uplink_rejects: Family::default(),
+            uplink_flaws: Family::default(),
             dead_letter_failures: Counter::default(),
             uplink_dropped: Family::default(),
             uplink_queue_depth: Gauge::default(),
@@ -113,6 +116,11 @@ impl Metrics {
             "uplink_rejects",
             "Uplink messages dead-lettered, by reason",
             m.uplink_rejects.clone(),
+        );
+        r.register(
+            "uplink_flaws",
+            "Uplink messages bridged with flawed content (kind mismatch, implausible clock, NUL in text), by reason",
+            m.uplink_flaws.clone(),
         );
         r.register(
             "dead_letter_failures",

@@ -1,5 +1,11 @@
-//! The uplink bridge: validated device messages into JetStream, invalid ones into the
-//! dead-letter stream.
+//! The uplink bridge: device messages into JetStream, untrustworthy ones into the dead-letter
+//! stream.
+//!
+//! A message whose device and sequence number can be trusted goes to `LW_UPLINK` even when its
+//! content is flawed (kind mismatch, empty body, implausible clock, NUL in a text field): its
+//! consumers judge the content, and telemetry keeps its place in the device's sequence, so the
+//! device's watermark passes it. Refused here, it would stop that watermark for good and the
+//! device would resend it for ever.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::{Kind, Metrics, Reason};
 use crate::session::Incoming;
 
-/// Why a device message was dead-lettered.
+/// What is wrong with a device message: it cannot be trusted (dead-lettered here), or its
+/// content is flawed (kind mismatch, implausible clock, NUL in a text field: bridged, counted).
 #[derive(Debug, thiserror::Error)]
 pub enum Rejection {
     /// Larger than the configured limit.
@@ -72,18 +79,43 @@ impl Rejection {
     }
 }
 
-/// Device clocks later than this ahead of the gateway are rejected (the envelope is suspect);
-/// late clocks are accepted (a device replays its outbox after a long partition).
-pub const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(24 * 3600);
-/// Device times before this (2020-01-01) mean an unset clock.
-pub const EARLIEST_DEVICE_TIME: i64 = 1_577_836_800;
+/// A message to bridge.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The envelope's sequence number.
+    pub seq: u64,
+    /// What is wrong with its content, if anything (counted; judged by the consumers).
+    pub flaw: Option<Rejection>,
+}
 
-/// Checks an accepted publish's payload; returns the envelope's sequence number.
+/// Longest part of a device's own text quoted in a dead letter or a log line.
+const MAX_QUOTED: usize = 64;
+
+/// `text` shortened to [`MAX_QUOTED`] characters, control characters escaped.
+fn quoted(text: &str) -> String {
+    let mut quoted: String = text
+        .chars()
+        .take(MAX_QUOTED)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(MAX_QUOTED).is_some() {
+        quoted.push('…');
+    }
+    quoted
+}
+
+/// Device clocks later than this ahead of the gateway are flagged as implausible; late clocks are
+/// not (a device replays its outbox after a long partition).
+pub const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(24 * 3600);
+pub use liftwire_proto::EARLIEST_DEVICE_TIME;
+
+/// Checks an accepted publish's payload: `Err` if it cannot be trusted (dead-lettered), else the
+/// envelope's sequence number and the first flaw of its content, if any.
 pub fn validate(
     incoming: &Incoming,
     max_payload: usize,
     now: SystemTime,
-) -> Result<u64, Rejection> {
+) -> Result<Accepted, Rejection> {
     if incoming.payload.len() > max_payload {
         return Err(Rejection::TooLarge(incoming.payload.len()));
     }
@@ -93,19 +125,27 @@ pub fn validate(
     }
     if envelope.device_id != incoming.identity.device.as_str() {
         return Err(Rejection::DeviceMismatch {
-            claimed: envelope.device_id,
+            claimed: quoted(&envelope.device_id),
             authenticated: incoming.identity.device.to_string(),
-        });
-    }
-    let body = envelope.kind();
-    if body != Some(incoming.uplink.kind) {
-        return Err(Rejection::KindMismatch {
-            body: body.map(|k| k.as_str()),
-            topic: incoming.uplink.kind.as_str(),
         });
     }
     if envelope.seq == 0 {
         return Err(Rejection::ZeroSequence);
+    }
+    Ok(Accepted {
+        seq: envelope.seq,
+        flaw: flaw(&envelope, incoming.uplink.kind, now),
+    })
+}
+
+/// The first flaw of a trusted envelope's content, if any.
+fn flaw(envelope: &v1::Envelope, topic: UplinkKind, now: SystemTime) -> Option<Rejection> {
+    let body = envelope.kind();
+    if body != Some(topic) {
+        return Some(Rejection::KindMismatch {
+            body: body.map(|k| k.as_str()),
+            topic: topic.as_str(),
+        });
     }
     let now_s = now
         .duration_since(UNIX_EPOCH)
@@ -114,12 +154,9 @@ pub fn validate(
         Some(t)
             if t.seconds >= EARLIEST_DEVICE_TIME
                 && t.seconds <= now_s + MAX_CLOCK_AHEAD.as_secs() as i64 => {}
-        other => return Err(Rejection::Timestamp(format!("{other:?}"))),
+        other => return Some(Rejection::Timestamp(format!("{other:?}"))),
     }
-    if let Some(field) = nul_in_text(&envelope) {
-        return Err(Rejection::NulInText(field));
-    }
-    Ok(envelope.seq)
+    nul_in_text(envelope).map(Rejection::NulInText)
 }
 
 /// Bridge settings.
@@ -142,6 +179,8 @@ pub struct BridgeSettings {
 struct Pending {
     incoming: Incoming,
     seq: u64,
+    /// Its content is flawed ([`Accepted::flaw`]): bridged, but not acted on here.
+    flawed: bool,
     attempt: u32,
 }
 
@@ -183,7 +222,7 @@ pub async fn run(
                     Ok(elapsed) => {
                         metrics.jetstream_publish_seconds.observe(elapsed);
                         metrics.uplink_messages.get_or_create(&Kind { kind: pending.incoming.uplink.kind.as_str() }).inc();
-                        if pending.incoming.uplink.kind == UplinkKind::UploadRequest {
+                        if pending.incoming.uplink.kind == UplinkKind::UploadRequest && !pending.flawed {
                             answer_upload(&settings, &pending).await;
                         }
                     }
@@ -215,7 +254,14 @@ pub async fn run(
                     let mut next = Some(incoming);
                     while let Some(incoming) = next.take() {
                         match validate(&incoming, settings.max_payload, SystemTime::now()) {
-                            Ok(seq) => in_flight.push(publish(&js, Pending { incoming, seq, attempt: 0 })),
+                            Ok(Accepted { seq, flaw }) => {
+                                if let Some(flaw) = &flaw {
+                                    metrics.uplink_flaws.get_or_create(&Reason { reason: flaw.reason() }).inc();
+                                    tracing::debug!(parent: &incoming.span, device = %incoming.identity.device, seq, reason = flaw.reason(), error = %flaw, "bridging a message with flawed content");
+                                }
+                                let flawed = flaw.is_some();
+                                in_flight.push(publish(&js, Pending { incoming, seq, flawed, attempt: 0 }));
+                            }
                             Err(rejection) => letters.push(dead_letter(&js, &dead_letters, &metrics, incoming, rejection)),
                         }
                         if in_flight.len() + letters.len() < settings.max_in_flight {
@@ -369,31 +415,48 @@ mod tests {
     #[test]
     fn size_and_clock_sanity() {
         let now = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
-        assert_eq!(
-            validate(&incoming(envelope(Some(1_794_999_000))), 1024, now).unwrap(),
-            3
-        );
-        // A device replaying a month-old backlog is fine.
-        assert!(validate(&incoming(envelope(Some(1_792_400_000))), 1024, now).is_ok());
-        let reason = |payload: Vec<u8>, max: usize| {
-            validate(&incoming(payload), max, now).unwrap_err().reason()
+        let flaw = |payload: Vec<u8>| {
+            let accepted = validate(&incoming(payload), 1024, now).unwrap();
+            assert_eq!(accepted.seq, 3);
+            accepted.flaw.map(|flaw| flaw.reason())
         };
-        assert_eq!(reason(envelope(Some(1_794_999_000)), 8), "too_large");
-        assert_eq!(reason(envelope(None), 1024), "timestamp");
+        assert_eq!(flaw(envelope(Some(1_794_999_000))), None);
+        // A device replaying a month-old backlog is fine.
+        assert_eq!(flaw(envelope(Some(1_792_400_000))), None);
         assert_eq!(
-            reason(envelope(Some(0)), 1024),
-            "timestamp",
-            "an unset clock"
+            validate(&incoming(envelope(Some(1_794_999_000))), 8, now)
+                .unwrap_err()
+                .reason(),
+            "too_large"
         );
+        // An implausible clock is bridged all the same, flagged.
+        assert_eq!(flaw(envelope(None)), Some("timestamp"));
+        assert_eq!(flaw(envelope(Some(0))), Some("timestamp"), "an unset clock");
         assert_eq!(
-            reason(envelope(Some(1_795_000_000 + 2 * 24 * 3600)), 1024),
-            "timestamp",
+            flaw(envelope(Some(1_795_000_000 + 2 * 24 * 3600))),
+            Some("timestamp"),
             "two days ahead"
         );
     }
 
     #[test]
-    fn a_nul_in_a_text_field_is_refused_naming_the_field() {
+    fn a_claimed_device_id_is_quoted_short_and_escaped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let mut envelope = v1::Envelope::decode(envelope(Some(1_794_999_000)).as_slice()).unwrap();
+        envelope.device_id = format!("evil\n{}", "x".repeat(10_000));
+        let rejection = validate(&incoming(envelope.encode_to_vec()), 1 << 20, now).unwrap_err();
+        let Rejection::DeviceMismatch { claimed, .. } = &rejection else {
+            panic!("{rejection:?}");
+        };
+        assert!(claimed.starts_with("evil\\nxxx"), "{claimed}");
+        assert!(
+            claimed.ends_with('…') && claimed.chars().count() == MAX_QUOTED + 2,
+            "{claimed}"
+        );
+    }
+
+    #[test]
+    fn a_nul_in_a_text_field_is_flagged_naming_the_field() {
         let now = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
         let payload = v1::Envelope {
             schema_version: SCHEMA_VERSION,
@@ -411,7 +474,10 @@ mod tests {
             })),
         }
         .encode_to_vec();
-        let rejection = validate(&incoming(payload), 1024, now).unwrap_err();
+        let rejection = validate(&incoming(payload), 1024, now)
+            .unwrap()
+            .flaw
+            .unwrap();
         assert_eq!(rejection.reason(), "nul_in_text");
         assert_eq!(
             rejection.to_string(),

@@ -435,7 +435,7 @@ async fn access_rules_disconnect_offenders_without_hurting_others() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
+async fn untrusted_payloads_are_dead_lettered_and_flawed_ones_bridged() {
     let (nats, pg) = servers().await;
     let gw = Replica::start(&nats, &pg, "gw-1").await;
     let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
@@ -454,7 +454,8 @@ async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
     device
         .publish("lw/v1/b1/elev-1/up/event", envelope("elev-1", 0))
         .await;
-    // PostgreSQL cannot store a NUL in text: refused here, not retried for ever downstream.
+    // Trusted device and sequence number, flawed content: bridged (and counted) for telemetry to
+    // keep its place in the sequence, so the device's watermark passes it.
     let mut nul = v1::Envelope::decode(envelope("elev-1", 4).as_slice()).unwrap();
     nul.body = Some(v1::envelope::Body::Event(v1::Event {
         kind: Some(v1::event::Kind::FaultRaised(v1::FaultRaised {
@@ -471,7 +472,7 @@ async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
         .await;
 
     let js = jetstream::new(nats.client().await.unwrap());
-    let letters = stream_messages(&js, DEAD_LETTER_STREAM.name, 5).await;
+    let letters = stream_messages(&js, DEAD_LETTER_STREAM.name, 3).await;
     let mut reasons: Vec<String> = letters
         .iter()
         .map(|m| {
@@ -484,18 +485,33 @@ async fn invalid_payloads_are_dead_lettered_with_reason_and_device() {
         })
         .collect();
     reasons.sort();
+    assert_eq!(reasons, ["decode", "device_mismatch", "zero_sequence"]);
+    let stored = stream_messages(&js, UPLINK_STREAM.name, 3).await;
+    let stored: Vec<(&str, u64)> = stored
+        .iter()
+        .map(|m| {
+            let envelope = v1::Envelope::decode(m.payload.as_ref()).unwrap();
+            (m.subject.as_str(), envelope.seq)
+        })
+        .collect();
     assert_eq!(
-        reasons,
+        stored,
         [
-            "decode",
-            "device_mismatch",
-            "kind_mismatch",
-            "nul_in_text",
-            "zero_sequence"
-        ]
+            ("lw.v1.up.b1.elev-1.telemetry", 1),
+            ("lw.v1.up.b1.elev-1.event", 4),
+            ("lw.v1.up.b1.elev-1.event", 5),
+        ],
+        "the flawed messages and the valid one went through"
     );
-    let stored = stream_messages(&js, UPLINK_STREAM.name, 1).await;
-    assert_eq!(stored.len(), 1, "the valid message still went through");
+    let metrics = gw.metrics();
+    for reason in ["kind_mismatch", "nul_in_text"] {
+        assert!(
+            metrics.contains(&format!(
+                "liftwire_gateway_uplink_flaws_total{{reason=\"{reason}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
     gw.stop().await;
 }
 

@@ -49,6 +49,11 @@ pub fn datetime(ts: &Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
 /// The schema version carried in every [`v1::Envelope`] of this package.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Device times before this (2020-01-01T00:00:00Z, in Unix seconds) mean an unset clock (a
+/// controller whose clock battery died boots at 1970 or 2000): such a message is kept, filed under
+/// its arrival time.
+pub const EARLIEST_DEVICE_TIME: i64 = 1_577_836_800;
+
 impl v1::Envelope {
     /// The message kind carried by this envelope, or `None` when it has no body.
     pub fn kind(&self) -> Option<naming::UplinkKind> {

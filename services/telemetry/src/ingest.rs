@@ -197,6 +197,9 @@ impl Rejection {
 const MAX_LOAD_PERCENT: u32 = 200;
 const MAX_DOORS: usize = 2;
 const MAX_ABS_FLOOR: i32 = 250;
+/// A trip's levelling error beyond this (a metre) is no measurement (firmware sentinels such as
+/// `i32::MIN` mean "no reading"): the trip counts, its levelling does not.
+const MAX_LEVELLING_ERROR_MM: u32 = 1_000;
 
 /// Why a message was refused, and, when its device and sequence number are trustworthy, the
 /// placeholder row that keeps its place so the device's watermark can pass it.
@@ -223,7 +226,7 @@ fn check_content(envelope: &v1::Envelope) -> Result<(), Rejection> {
     use v1::event::Kind;
     let missing = |what: &str| Err(Rejection::Impossible(format!("{what} is empty")));
     // PostgreSQL refuses it in `text`: storing it would fail the batch again at every redelivery.
-    // The gateway refuses it already; this covers what was stored before it did.
+    // The gateway bridges it (flagged), so that it gets its placeholder here.
     if let Some(field) = liftwire_proto::text::nul_in_text(envelope) {
         return Err(Rejection::Impossible(format!(
             "{field} contains a NUL character"
@@ -303,7 +306,8 @@ fn columns(envelope: &v1::Envelope) -> Columns {
         Some(v1::envelope::Body::Event(v1::Event { kind: Some(kind) })) => Columns {
             event: Some(event_name(kind)),
             event_value: match kind {
-                Kind::TripCompleted(t) => Some(t.levelling_error_mm),
+                Kind::TripCompleted(t) => Some(t.levelling_error_mm)
+                    .filter(|mm| mm.unsigned_abs() <= MAX_LEVELLING_ERROR_MM),
                 Kind::AlarmSelfTest(t) => Some(i32::from(t.passed)),
                 _ => None,
             },
@@ -336,10 +340,12 @@ pub fn validate(subject: &str, payload: &bytes::Bytes, clock: &Clock) -> Result<
     }
     let seq = i64::try_from(envelope.seq)
         .map_err(|_| refuse(Rejection::SequenceTooLarge(envelope.seq)))?;
+    // An unset clock (before 2020: a controller whose clock battery died) reads as none.
     let device_time = envelope
         .device_time
         .as_ref()
-        .and_then(crate::state::datetime);
+        .and_then(crate::state::datetime)
+        .filter(|t| t.timestamp() >= liftwire_proto::EARLIEST_DEVICE_TIME);
     // The device clock, unless missing or ahead of the gateway's by more than the allowed skew.
     let at = device_time
         .filter(|t| *t <= clock.received_at + clock.max_clock_skew)
@@ -1063,5 +1069,35 @@ mod tests {
         let mut none = envelope("elev-1", 3);
         none.device_time = None;
         assert_eq!(check(SUBJECT, &none).unwrap().at, clock().received_at);
+        // An unset clock (1970, or a year PostgreSQL cannot even store) is no clock: the message
+        // is kept, under its arrival time, not refused as older than the retention.
+        for seconds in [0, 946_684_800, -300_000_000_000] {
+            let mut unset = envelope("elev-1", 4);
+            unset.device_time = Some(liftwire_proto::Timestamp { seconds, nanos: 0 });
+            let row = check(SUBJECT, &unset).unwrap();
+            assert_eq!(row.at, clock().received_at, "{seconds}");
+            assert_eq!(row.device_time, None, "{seconds}");
+        }
+    }
+
+    #[test]
+    fn a_levelling_error_beyond_a_metre_is_no_measurement() {
+        let trip = |levelling_error_mm| {
+            let mut trip = envelope("elev-1", 1);
+            trip.body = Some(v1::envelope::Body::Event(v1::Event {
+                kind: Some(v1::event::Kind::TripCompleted(v1::TripCompleted {
+                    levelling_error_mm,
+                    ..Default::default()
+                })),
+            }));
+            check(SUBJECT, &trip).unwrap().columns
+        };
+        assert_eq!(trip(-12).event_value, Some(-12));
+        assert_eq!(trip(1_000).event_value, Some(1_000));
+        for sentinel in [i32::MIN, i32::MAX, 1_001] {
+            let columns = trip(sentinel);
+            assert_eq!(columns.event, Some("trip_completed"), "the trip counts");
+            assert_eq!(columns.event_value, None, "{sentinel}");
+        }
     }
 }

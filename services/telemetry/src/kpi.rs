@@ -296,7 +296,7 @@ pub async fn load_facts(
         .map(|d| (d.clone(), ElevatorFacts::default()))
         .collect();
     type IncidentRow = (String, String, bool, DateTime<Utc>, Option<DateTime<Utc>>);
-    type CountRow = (Option<String>, i64, i64, Option<i32>);
+    type CountRow = (Option<String>, i64, i64, Option<i64>);
     let lookback = from - chrono::Duration::from_std(self_test_every).unwrap_or_default();
     // Independent reads, run at once on separate connections.
     let (incidents, counts, tests) = tokio::try_join!(
@@ -313,7 +313,7 @@ pub async fn load_facts(
             "SELECT device_id,
                     count(*) FILTER (WHERE event = 'trip_completed'),
                     count(*) FILTER (WHERE event = 'door_cycle'),
-                    percentile_disc(0.95) WITHIN GROUP (ORDER BY abs(event_value))
+                    percentile_disc(0.95) WITHIN GROUP (ORDER BY abs(event_value::int8))
                         FILTER (WHERE event = 'trip_completed')
              FROM device_messages
              WHERE device_id = ANY($1) AND at >= $2 AND at < $3
@@ -354,10 +354,10 @@ pub async fn load_facts(
                 if let Some(f) = facts.get_mut(&device) {
                     f.trips = u64::try_from(trips).unwrap_or(0);
                     f.door_cycles = u64::try_from(doors).unwrap_or(0);
-                    f.levelling_p95_mm = p95.map(f64::from);
+                    f.levelling_p95_mm = p95.map(|mm| mm as f64);
                 }
             }
-            None => overall_p95 = p95.map(f64::from),
+            None => overall_p95 = p95.map(|mm| mm as f64),
         }
     }
     for (device, at) in tests {

@@ -401,7 +401,11 @@ fn apply_event(
         Kind::PowerRestored(p) => {
             if !state.power_lost {
                 // The loss itself was never reported (no battery): record it from the restore.
-                let lost_at = p.lost_at.as_ref().and_then(datetime).filter(|l| *l <= at);
+                // Only a plausible one: after clocks are believed set, not after the restore.
+                let lost_at =
+                    p.lost_at.as_ref().and_then(datetime).filter(|l| {
+                        l.timestamp() >= liftwire_proto::EARLIEST_DEVICE_TIME && *l <= at
+                    });
                 let Some(lost_at) = lost_at else { return };
                 effects.push(open_plain(
                     IncidentKind::PowerLoss,
@@ -741,6 +745,21 @@ mod tests {
         );
         assert_eq!(kinds(&effects), ["open power_loss", "close power_loss"]);
         assert!(matches!(&effects[0], Effect::Open(o) if o.at == time(1_500)));
+        // An implausible `lost_at` (an unset clock, or a year PostgreSQL cannot store) opens
+        // nothing: stored, it would fail the device's batch at every redelivery.
+        for seconds in [0, -300_000_000_000] {
+            let effects = fold.event(
+                2_100,
+                Kind::PowerRestored(v1::PowerRestored {
+                    lost_at: Some(liftwire_proto::Timestamp { seconds, nanos: 0 }),
+                }),
+            );
+            assert!(
+                effects.is_empty(),
+                "{seconds}: {}",
+                kinds(&effects).join(", ")
+            );
+        }
 
         let failed = fold.event(
             3_000,
