@@ -160,6 +160,14 @@ impl<P> Guard<P> {
         (conn.broker_id.as_deref() == Some(session.broker_id.as_str())).then_some(session)
     }
 
+    /// Makes `session` the connection's, with what its device has left of its rate limit (the
+    /// limit outlives connections: reconnecting buys no fresh burst).
+    fn attach(&self, conn: &mut Connection, session: Session) {
+        let (tokens, last) = self.shared.rate_tokens(session.identity.device.as_str());
+        conn.bucket = Bucket { tokens, last };
+        conn.session = Some(session);
+    }
+
     fn drop_uplink(&self, reason: &'static str) {
         self.shared
             .metrics
@@ -183,6 +191,8 @@ impl<P> Drop for Guard<P> {
         else {
             return;
         };
+        self.shared
+            .keep_rate_tokens(client_id, conn.bucket.tokens, conn.bucket.last);
         // Replaced by a newer connection of the same device: it is not going offline.
         let replaced = self
             .shared
@@ -227,7 +237,9 @@ impl<P: Protocol> Protocol for Guard<P> {
         let session = {
             let mut conn = self.conn();
             if conn.session.is_none() {
-                conn.session = self.own_session(&conn);
+                if let Some(session) = self.own_session(&conn) {
+                    self.attach(&mut conn, session);
+                }
             }
             conn.session.clone()
         };
@@ -239,6 +251,11 @@ impl<P: Protocol> Protocol for Guard<P> {
         }
         match packet {
             Packet::Connect(mut connect, properties, will, _, login) => {
+                if self.conn().client_id.is_some() {
+                    // A second CONNECT is a protocol violation (MQTT 3.1.1 §3.1.0-2): it would
+                    // otherwise rename the connection the guard speaks for.
+                    return Err(self.refused(Error::InvalidProtocol));
+                }
                 if let Some(will) = will {
                     // Presence is reported by the gateway itself; a will could only publish
                     // unchecked data through the router.
@@ -272,39 +289,43 @@ impl<P: Protocol> Protocol for Guard<P> {
                     return Err(Error::InvalidProtocol);
                 }
                 if !self.conn().bucket.take(rate, burst) {
+                    // No PUBACK and the connection closes, as for a full queue: the device keeps
+                    // the message and resends it once reconnected, paced by its backoff. A
+                    // message dropped but acknowledged would leave a gap that stops the
+                    // device's watermark, and its live state, until some later reconnect.
                     self.drop_uplink("rate_limited");
+                    return Err(Error::InvalidProtocol);
+                }
+                // Every device message starts its own trace (not a child of the
+                // connection's span, which would put a connection's messages in one trace
+                // and make them share one sampling decision). Head sampling: a message left
+                // out of tracing costs no span at all.
+                let span = if self.shared.trace_sampler.sample() {
+                    tracing::info_span!(parent: None, "mqtt_ingress", device = %session.identity.device, kind = uplink.kind.as_str(), sampling.priority = 1)
                 } else {
-                    // Every device message starts its own trace (not a child of the
-                    // connection's span, which would put a connection's messages in one trace
-                    // and make them share one sampling decision). Head sampling: a message left
-                    // out of tracing costs no span at all.
-                    let span = if self.shared.trace_sampler.sample() {
-                        tracing::info_span!(parent: None, "mqtt_ingress", device = %session.identity.device, kind = uplink.kind.as_str(), sampling.priority = 1)
-                    } else {
-                        tracing::Span::none()
-                    };
-                    let incoming = Incoming {
-                        identity: session.identity.clone(),
-                        uplink,
-                        payload: std::mem::take(&mut publish.payload),
-                        qos,
-                        received: Instant::now(),
-                        span,
-                    };
-                    match self.shared.uplink.try_send(incoming) {
-                        Ok(()) => {
-                            self.shared.metrics.uplink_queue_depth.inc();
-                        }
-                        Err(TrySendError::Full(_)) => {
-                            // Backpressure: no PUBACK, the connection closes, the device keeps
-                            // the message in its outbox and resends after reconnecting.
-                            self.drop_uplink("queue_full");
-                            return Err(Error::InvalidProtocol);
-                        }
-                        Err(TrySendError::Closed(_)) => {
-                            self.drop_uplink("bridge_stopped");
-                            return Err(Error::InvalidProtocol);
-                        }
+                    tracing::Span::none()
+                };
+                let incoming = Incoming {
+                    identity: session.identity.clone(),
+                    uplink,
+                    payload: std::mem::take(&mut publish.payload),
+                    qos,
+                    received: Instant::now(),
+                    span,
+                };
+                match self.shared.uplink.try_send(incoming) {
+                    Ok(()) => {
+                        self.shared.metrics.uplink_queue_depth.inc();
+                    }
+                    Err(TrySendError::Full(_)) => {
+                        // Backpressure: no PUBACK, the connection closes, the device keeps
+                        // the message in its outbox and resends after reconnecting.
+                        self.drop_uplink("queue_full");
+                        return Err(Error::InvalidProtocol);
+                    }
+                    Err(TrySendError::Closed(_)) => {
+                        self.drop_uplink("bridge_stopped");
+                        return Err(Error::InvalidProtocol);
                     }
                 }
                 publish.topic = Bytes::from_static(BRIDGED_TOPIC);
@@ -368,7 +389,7 @@ impl<P: Protocol> Protocol for Guard<P> {
                                 reason: DisconnectReason::Unspecified,
                                 at,
                             });
-                            conn.session = Some(session);
+                            self.attach(&mut conn, session);
                         }
                     }
                 }

@@ -96,7 +96,14 @@ pub struct Shared {
     /// Which device messages start a recorded trace (`trace_sample_ratio`); the others get no
     /// span, only a `traceparent` saying they are not sampled.
     pub trace_sampler: HeadSampler,
+    /// What each device had left of its rate limit when its last connection closed (tokens, and
+    /// when they were counted), so that reconnecting does not buy a fresh burst. Only buckets
+    /// not yet full again are kept.
+    rate_left: Mutex<HashMap<String, (f64, Instant)>>,
 }
+
+/// Devices whose rate-limit tokens are kept before the full ones are forgotten.
+const MAX_RATE_LEFT: usize = 10_000;
 
 impl Shared {
     /// New shared state.
@@ -117,6 +124,40 @@ impl Shared {
             rate_limit,
             draining: AtomicBool::new(false),
             trace_sampler,
+            rate_left: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The rate-limit tokens a new connection of `device` starts with, and when they were
+    /// counted: what its last connection left (they refill from then on), or a full burst.
+    pub fn rate_tokens(&self, device: &str) -> (f64, Instant) {
+        let kept = self
+            .rate_left
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(device);
+        kept.unwrap_or((self.rate_limit.1, Instant::now()))
+    }
+
+    /// Keeps what a closing connection of `device` left of its rate limit.
+    pub fn keep_rate_tokens(&self, device: &str, tokens: f64, at: Instant) {
+        let (rate, burst) = self.rate_limit;
+        let full_at = |tokens: f64, at: Instant| {
+            at + std::time::Duration::from_secs_f64(((burst - tokens) / rate).clamp(0.0, 1e9))
+        };
+        let now = Instant::now();
+        if rate <= 0.0 || full_at(tokens, at) <= now {
+            return;
+        }
+        let mut left = self
+            .rate_left
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if left.len() >= MAX_RATE_LEFT {
+            left.retain(|_, (tokens, at)| full_at(*tokens, *at) > now);
+        }
+        if left.len() < MAX_RATE_LEFT {
+            left.insert(device.to_owned(), (tokens, at));
         }
     }
 

@@ -1026,64 +1026,55 @@ async fn mqtt5_properties_never_reach_mqtt311_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_flooding_device_is_rate_limited_without_starving_others() {
+async fn a_flooding_device_is_cut_off_its_limit_outlives_the_connection_and_others_are_not_starved()
+{
     let (nats, pg) = servers().await;
+    // One token every 100 s: none comes back during the test.
     let gw = Replica::start_with(&nats, &pg, "gw-1", |mqtt| {
-        mqtt.rate_limit_per_second = 1.0;
+        mqtt.rate_limit_per_second = 0.01;
         mqtt.rate_limit_burst = 5.0;
     })
     .await;
     let noisy = provision(&gw, "b1", "elev-noisy", DeviceKind::Elevator).await;
     let calm = provision(&gw, "b1", "elev-calm", DeviceKind::Elevator).await;
-    let flood = Device::connect(gw.addr, "elev-noisy", "elev-noisy", &noisy)
+    let mut flood = Device::connect(gw.addr, "elev-noisy", "elev-noisy", &noisy)
         .connected()
         .await;
     let quiet = Device::connect(gw.addr, "elev-calm", "elev-calm", &calm)
         .connected()
         .await;
-    let flooding = tokio::time::Instant::now();
-    for seq in 1..=30 {
+    // The burst passes; the message after it gets no PUBACK and closes the connection, so the
+    // device keeps it for its resend.
+    for seq in 1..=6 {
         flood
             .publish("lw/v1/b1/elev-noisy/up/event", envelope("elev-noisy", seq))
             .await;
     }
-    let flooded_for = flooding.elapsed();
+    flood.closed().await;
+    // Reconnecting buys no fresh burst.
+    let mut again = Device::connect(gw.addr, "elev-noisy", "elev-noisy", &noisy)
+        .connected()
+        .await;
+    again
+        .publish("lw/v1/b1/elev-noisy/up/event", envelope("elev-noisy", 6))
+        .await;
+    again.closed().await;
     for seq in 1..=3 {
         quiet
             .publish("lw/v1/b1/elev-calm/up/event", envelope("elev-calm", seq))
             .await;
     }
     let js = jetstream::new(nats.client().await.unwrap());
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let (mut noisy_stored, mut calm_stored) = (0, 0);
-    while calm_stored < 3 && tokio::time::Instant::now() < deadline {
-        let stored = stream_messages(&js, UPLINK_STREAM.name, 1).await;
-        noisy_stored = stored
-            .iter()
-            .filter(|m| m.subject.contains("elev-noisy"))
-            .count();
-        calm_stored = stored
-            .iter()
-            .filter(|m| m.subject.contains("elev-calm"))
-            .count();
-    }
-    assert_eq!(calm_stored, 3, "the calm device is not starved");
-    // The burst of 5, plus one token per second of flooding (and one in flight), passes; the
-    // rest is dropped and counted.
-    let refilled = flooded_for.as_secs() as usize + 2;
+    let stored = stream_messages(&js, UPLINK_STREAM.name, 8).await;
+    let count = |device: &str| stored.iter().filter(|m| m.subject.contains(device)).count();
+    assert_eq!(count("elev-calm"), 3, "the calm device is not starved");
+    assert_eq!(count("elev-noisy"), 5, "the burst, once");
     assert!(
-        (5..=5 + refilled).contains(&noisy_stored),
-        "{noisy_stored} stored"
+        gw.metrics()
+            .contains("liftwire_gateway_uplink_dropped_total{reason=\"rate_limited\"} 2"),
+        "{}",
+        gw.metrics()
     );
-    let dropped = gw
-        .metrics()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("liftwire_gateway_uplink_dropped_total{reason=\"rate_limited\"} ")
-                .map(|n| n.parse::<usize>().unwrap())
-        })
-        .unwrap_or(0);
-    assert_eq!(dropped + noisy_stored, 30);
     gw.stop().await;
 }
 
@@ -1867,5 +1858,37 @@ async fn uplink_publishes_are_acknowledged_by_the_connection_in_order() {
         .collect();
     seqs.sort_unstable();
     assert_eq!(seqs, [1, 2, 3, 4, 10]);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_connect_on_a_connection_closes_it() {
+    // MQTT 3.1.1 §3.1.0-2: a protocol violation. Taken in, it would rename the connection the
+    // gateway speaks for (here, as another device of the building).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (nats, pg) = servers().await;
+    let gw = Replica::start(&nats, &pg, "gw-1").await;
+    let secret = provision(&gw, "b1", "elev-1", DeviceKind::Elevator).await;
+    let other = provision(&gw, "b1", "elev-2", DeviceKind::Elevator).await;
+    let mut socket = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    login(&mut socket, "elev-1", &secret).await;
+    socket
+        .write_all(&connect_packet("elev-2", &other))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, socket.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closes the connection");
+    assert!(
+        read.is_err() || rest.is_empty(),
+        "closed without an answer: {rest:?}"
+    );
+    assert!(
+        gw.metrics()
+            .contains("liftwire_gateway_packet_errors_total{reason=\"malformed\"} 1"),
+        "{}",
+        gw.metrics()
+    );
     gw.stop().await;
 }
