@@ -225,6 +225,19 @@ fn in_service(state: &v1::ElevatorState) -> bool {
         && !state.open_faults.iter().any(|f| f.blocking)
 }
 
+/// Open faults an elevator's state keeps; a new one beyond closes the oldest.
+pub const MAX_OPEN_FAULTS: usize = 64;
+
+/// Passes over message `seq`, which had nothing to apply (a placeholder of a refused message).
+/// A fresh elevator stays presumed in service, as [`apply`] presumes it before its first
+/// message: otherwise a refused first message would hide the downtime of the next.
+pub fn skip(state: &mut v1::ElevatorState, seq: u64) {
+    if state.applied_seq == 0 {
+        state.in_service = true;
+    }
+    state.applied_seq = seq;
+}
+
 /// Applies message `seq` of time `at` to the state and appends what it implies to `effects`.
 /// Messages must come in sequence order, each once.
 pub fn apply(
@@ -305,6 +318,16 @@ fn apply_event(
             if state.open_faults.iter().any(|o| o.fault_id == f.fault_id) {
                 return;
             }
+            // Bounded: firmware whose clears get lost would otherwise grow the state, stored
+            // and announced with every batch, without end. The oldest gives way.
+            if state.open_faults.len() >= MAX_OPEN_FAULTS {
+                let oldest = state.open_faults.remove(0);
+                effects.push(Effect::Close {
+                    kind: IncidentKind::Fault,
+                    ref_id: oldest.fault_id,
+                    at,
+                });
+            }
             state.open_faults.push(v1::OpenFault {
                 fault_id: f.fault_id.clone(),
                 code: f.code,
@@ -327,6 +350,12 @@ fn apply_event(
                 .recent_faults
                 .retain(|t| datetime(t).is_some_and(|t| at - t < window));
             state.recent_faults.push(ts);
+            // Only whether the burst count is reached matters: keep no more than that.
+            let excess = state
+                .recent_faults
+                .len()
+                .saturating_sub(rules.fault_burst_count.max(1));
+            state.recent_faults.drain(..excess);
             if state.recent_faults.len() >= rules.fault_burst_count {
                 effects.push(Effect::Raise {
                     rule: AlertRule::FaultBurst,
@@ -363,6 +392,7 @@ fn apply_event(
                 .unwrap_or(at);
             state.entrapment = true;
             state.entrapment_since = Some(timestamp(since));
+            state.entrapment_id = e.entrapment_id.clone();
             effects.push(Effect::Open(OpenIncident {
                 kind: IncidentKind::Entrapment,
                 planned: false,
@@ -381,9 +411,16 @@ fn apply_event(
         Kind::EntrapmentReleased(e) if state.entrapment => {
             state.entrapment = false;
             state.entrapment_since = None;
+            // The open one, even if the release names it otherwise (a state folded before the
+            // id was kept has none: then the release's).
+            let open = std::mem::take(&mut state.entrapment_id);
             effects.push(Effect::Close {
                 kind: IncidentKind::Entrapment,
-                ref_id: e.entrapment_id.clone(),
+                ref_id: if open.is_empty() {
+                    e.entrapment_id.clone()
+                } else {
+                    open
+                },
                 at,
             });
             effects.push(Effect::Resolve {
@@ -654,6 +691,18 @@ mod tests {
             panic!()
         };
         assert_eq!(entrapment.at, time(5_000));
+        // A release naming it otherwise still closes the open one.
+        let effects = fold.event(
+            5_600,
+            Kind::EntrapmentReleased(v1::EntrapmentReleased {
+                entrapment_id: "T2".into(),
+            }),
+        );
+        assert!(
+            matches!(&effects[0], Effect::Close { kind: IncidentKind::Entrapment, ref_id, .. } if ref_id == "t2"),
+            "{effects:?}"
+        );
+        assert!(fold.state.entrapment_id.is_empty());
     }
 
     #[test]
@@ -713,6 +762,36 @@ mod tests {
             kinds(&fold.event(700, fault("d", false))),
             ["open fault", "raise fault_burst"]
         );
+    }
+
+    #[test]
+    fn open_faults_are_bounded_the_oldest_giving_way() {
+        let mut fold = Fold::new();
+        fold.at(0, normal(0));
+        for n in 0..MAX_OPEN_FAULTS {
+            fold.event(n as i64, fault(&format!("f{n}"), false));
+        }
+        let effects = fold.event(1_000, fault("newest", false));
+        assert!(
+            matches!(&effects[0], Effect::Close { kind: IncidentKind::Fault, ref_id, .. } if ref_id == "f0"),
+            "{effects:?}"
+        );
+        assert_eq!(fold.state.open_faults.len(), MAX_OPEN_FAULTS);
+        assert_eq!(fold.state.open_faults[0].fault_id, "f1");
+        assert!(fold.state.recent_faults.len() <= FoldRules::default().fault_burst_count);
+    }
+
+    #[test]
+    fn a_refused_first_message_does_not_hide_the_downtime_of_the_next() {
+        let mut fold = Fold::new();
+        fold.seq = 1;
+        skip(&mut fold.state, 1);
+        assert_eq!(
+            kinds(&fold.event(10, fault("f1", true))),
+            ["open fault", "open downtime"]
+        );
+        assert!(!fold.state.in_service);
+        assert_eq!(fold.state.out_of_service_since, Some(timestamp(time(10))));
     }
 
     #[test]

@@ -337,7 +337,7 @@ async fn write_sorted(
                             .map(|e| (device, building, i64::try_from(seq).unwrap_or(0), e)),
                     );
                 }
-                None => state.applied_seq = seq,
+                None => state::skip(&mut state, seq),
             }
         }
         // Stored and announced only when it changed.
