@@ -86,6 +86,7 @@ struct Metrics {
     ingested: Family<KindLabel, Counter>,
     duplicates: Counter,
     dead_letters: Family<ReasonLabel, Counter>,
+    unstorable: Counter,
     database_errors: Counter,
     batch_seconds: Histogram,
 }
@@ -96,6 +97,7 @@ impl Metrics {
             ingested: Family::default(),
             duplicates: Counter::default(),
             dead_letters: Family::default(),
+            unstorable: Counter::default(),
             database_errors: Counter::default(),
             batch_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         };
@@ -115,6 +117,11 @@ impl Metrics {
             "dead_letters",
             "Messages rejected to the dead-letter stream, by reason",
             metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "unstorable",
+            "Messages PostgreSQL refused to store (a value out of its range), kept as placeholders",
+            metrics.unstorable.clone(),
         );
         registry.register(
             "database_errors",
@@ -621,6 +628,7 @@ impl Ingest {
                     self.metrics
                         .duplicates
                         .inc_by(total.saturating_sub(outcome.inserted));
+                    self.metrics.unstorable.inc_by(outcome.unstorable);
                     for (kind, count) in kinds {
                         self.metrics
                             .ingested

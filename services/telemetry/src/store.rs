@@ -96,6 +96,19 @@ pub struct Outcome {
     pub states: Vec<StateChange>,
     /// Alert changes to announce.
     pub alerts: Vec<AlertChange>,
+    /// Messages PostgreSQL refused to store (a value out of its range, a constraint), kept as
+    /// placeholders so that they hold up neither their device nor the rest of the batch.
+    pub unstorable: u64,
+}
+
+impl Outcome {
+    fn merge(&mut self, other: Outcome) {
+        self.inserted += other.inserted;
+        self.advanced.extend(other.advanced);
+        self.states.extend(other.states);
+        self.alerts.extend(other.alerts);
+        self.unstorable += other.unstorable;
+    }
 }
 
 /// A stored message above a device's watermark (read back when a gap closes).
@@ -126,17 +139,80 @@ pub async fn write_batch(
     let mut rows: Vec<&Row> = rows.iter().collect();
     rows.sort_by(|a, b| (&a.device, a.seq).cmp(&(&b.device, b.seq)));
     rows.dedup_by(|a, b| a.device == b.device && a.seq == b.seq);
-    match write_sorted(pool, &rows, rules, Insert::Copy).await {
-        Err(e) if is_unique_violation(&e) => {
-            tracing::warn!(error = %e, "a stored message was above its device's bookkeeping; writing the batch again, skipping stored messages");
-            write_sorted(pool, &rows, rules, Insert::SkipConflicts).await
+    match write_rows(pool, &rows, rules).await {
+        Err(e) if is_refused_value(&e) => {
+            tracing::warn!(error = %e, "PostgreSQL refused a value of the batch; writing it device by device");
+            isolate(pool, &rows, rules).await
         }
         written => written,
     }
 }
 
+/// Writes sorted `rows` in one transaction.
+async fn write_rows(
+    pool: &sqlx::PgPool,
+    rows: &[&Row],
+    rules: &FoldRules,
+) -> Result<Outcome, sqlx::Error> {
+    match write_sorted(pool, rows, rules, Insert::Copy).await {
+        Err(e) if is_unique_violation(&e) => {
+            tracing::warn!(error = %e, "a stored message was above its device's bookkeeping; writing the batch again, skipping stored messages");
+            write_sorted(pool, rows, rules, Insert::SkipConflicts).await
+        }
+        written => written,
+    }
+}
+
+/// Writes sorted `rows`, one of which holds a value PostgreSQL refuses, so that it holds up
+/// nothing else: each device in its own transaction, and a refused device message by message,
+/// the refused ones as placeholders (payload kept, nothing folded). Otherwise the batch would
+/// fail again at every redelivery, with every device that shares it.
+async fn isolate(
+    pool: &sqlx::PgPool,
+    rows: &[&Row],
+    rules: &FoldRules,
+) -> Result<Outcome, sqlx::Error> {
+    let mut outcome = Outcome::default();
+    for device in rows.chunk_by(|a, b| a.device == b.device) {
+        match write_rows(pool, device, rules).await {
+            Err(e) if is_refused_value(&e) => {
+                for row in device {
+                    match write_rows(pool, &[*row], rules).await {
+                        Err(e) if is_refused_value(&e) => {
+                            tracing::warn!(error = %e, device = %row.device, seq = row.seq, "PostgreSQL refuses this message; stored as a placeholder");
+                            let placeholder = Row {
+                                kind: "rejected",
+                                at: row.received_at,
+                                device_time: None,
+                                columns: Columns::default(),
+                                envelope: None,
+                                ..(*row).clone()
+                            };
+                            outcome.merge(write_rows(pool, &[&placeholder], rules).await?);
+                            outcome.unstorable += 1;
+                        }
+                        written => outcome.merge(written?),
+                    }
+                }
+            }
+            written => outcome.merge(written?),
+        }
+    }
+    Ok(outcome)
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+/// A value PostgreSQL refuses whenever it is written (class 22, data exception; class 23,
+/// a constraint, but a unique violation, which [`write_rows`] handles), as opposed to an outage.
+fn is_refused_value(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    db.code()
+        .is_some_and(|code| code.starts_with("22") || (code.starts_with("23") && code != "23505"))
 }
 
 /// A device's bookkeeping row, locked: device, persisted watermark, highest stored sequence

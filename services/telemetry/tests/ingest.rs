@@ -1056,6 +1056,73 @@ async fn a_stored_message_unknown_to_the_bookkeeping_does_not_block_the_batch() 
     assert_eq!((again.inserted, again.advanced.len()), (0, 0));
 }
 
+#[tokio::test]
+async fn a_value_postgresql_refuses_holds_up_neither_its_device_nor_the_batch() {
+    use chrono::Utc;
+    use liftwire_telemetry::ingest::{validate, Clock};
+    use liftwire_telemetry::partitions::{PartitionConfig, Partitions};
+    use liftwire_telemetry::state::FoldRules;
+    use liftwire_telemetry::store;
+    let pg = Postgres::start().await.unwrap();
+    let pool = pg.pool().await.unwrap();
+    liftwire_telemetry::migrate(&pool).await.unwrap();
+    // Stands for any value the checks let through but PostgreSQL refuses (a year it cannot
+    // store, a constraint): refused at every redelivery, it must not stall the batch.
+    sqlx::query("ALTER TABLE device_messages ADD CONSTRAINT no_floor_13 CHECK (floor <> 13)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let clock = Clock {
+        received_at: Utc::now(),
+        oldest: Utc::now() - chrono::Duration::days(30),
+        max_clock_skew: chrono::Duration::seconds(300),
+    };
+    let telemetry = |device: &str, seq: u64, floor: i32| {
+        let mut envelope = event(device, seq);
+        envelope.body = Some(v1::envelope::Body::Telemetry(v1::Telemetry {
+            floor,
+            ..Default::default()
+        }));
+        let subject = format!("lw.v1.up.b1.{device}.telemetry");
+        validate(&subject, &envelope.encode_to_vec().into(), &clock).unwrap()
+    };
+    let rows = vec![
+        telemetry("elev-7", 1, 13),
+        telemetry("elev-7", 2, 2),
+        telemetry("elev-8", 1, 4),
+    ];
+    Partitions::new(PartitionConfig::default())
+        .ensure(&pool, &store::days(&rows))
+        .await
+        .unwrap();
+    let outcome = store::write_batch(&pool, rows, &FoldRules::default())
+        .await
+        .expect("written despite the refused value");
+    assert_eq!(outcome.unstorable, 1);
+    let mut advanced: Vec<(String, i64)> = outcome
+        .advanced
+        .iter()
+        .map(|a| (a.device_id.clone(), a.persisted_seq))
+        .collect();
+    advanced.sort();
+    assert_eq!(advanced.last(), Some(&("elev-8".to_owned(), 1)));
+    assert!(advanced.contains(&("elev-7".to_owned(), 2)), "{advanced:?}");
+    let stored: Vec<(String, i64, String, Option<i32>)> = sqlx::query_as(
+        "SELECT device_id, seq, kind, floor FROM device_messages ORDER BY device_id, seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("elev-7".to_owned(), 1, "rejected".to_owned(), None),
+            ("elev-7".to_owned(), 2, "telemetry".to_owned(), Some(2)),
+            ("elev-8".to_owned(), 1, "telemetry".to_owned(), Some(4)),
+        ]
+    );
+}
+
 async fn alert_states(pool: &sqlx::PgPool, device: &str) -> Vec<(String, String)> {
     sqlx::query_as("SELECT rule, state FROM alerts WHERE device_id = $1 ORDER BY rule")
         .bind(device)
