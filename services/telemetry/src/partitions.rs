@@ -16,6 +16,22 @@ use tokio_util::sync::CancellationToken;
 /// Advisory lock key that serializes partition DDL across replicas.
 const DDL_LOCK: i64 = 0x6c77_7061_7274; // "lwpart"
 
+/// Longest partition DDL waits for its lock on `device_messages`. Creating or dropping a
+/// partition needs an exclusive lock on the parent: waiting behind a long query, it would hold
+/// up every insert queued behind it (the ingest of every replica). Given up, it is retried (the
+/// ingest's batch with backoff, maintenance at its next pass).
+const DDL_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '2s'";
+
+/// Takes the partition DDL lock in `tx` and bounds the wait of what follows.
+async fn lock_ddl(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(DDL_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(DDL_LOCK_TIMEOUT).execute(&mut *tx).await?;
+    Ok(())
+}
+
 /// `[partitions]` settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -105,10 +121,7 @@ impl Partitions {
             return Ok(Vec::new());
         }
         let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(DDL_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        lock_ddl(&mut tx).await?;
         let existing = existing(&mut tx).await?;
         let mut created = Vec::new();
         for day in &missing {
@@ -155,10 +168,7 @@ impl Partitions {
         let created = self.ensure(pool, &ahead).await?;
         let oldest = self.oldest_day(now);
         let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(DDL_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        lock_ddl(&mut tx).await?;
         let expired: Vec<NaiveDate> = existing(&mut tx)
             .await?
             .into_iter()

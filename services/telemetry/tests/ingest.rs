@@ -989,6 +989,29 @@ async fn partitions_past_the_retention_are_dropped_whole() {
         partitions.maintain(&pool, now).await.unwrap(),
         Default::default()
     );
+
+    // Behind a long read of the messages, a pass gives up its DDL rather than wait: waiting, it
+    // would hold up every insert queued behind its exclusive lock.
+    let expired = today - Days::new(40);
+    partitions
+        .ensure(&pool, &[expired].into_iter().collect())
+        .await
+        .unwrap();
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM device_messages")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let pass = tokio::time::timeout(WAIT, partitions.maintain(&pool, now))
+        .await
+        .expect("the pass gives up instead of waiting for the reader");
+    assert!(pass.is_err(), "{pass:?}");
+    reader.rollback().await.unwrap();
+    assert_eq!(
+        partitions.maintain(&pool, now).await.unwrap().dropped,
+        [expired],
+        "done at the next pass"
+    );
 }
 
 /// The store writes new messages with a binary COPY, trusting its bookkeeping; a stored message
