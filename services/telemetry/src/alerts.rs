@@ -349,7 +349,7 @@ pub async fn evaluate(
 ) -> Result<Vec<AlertChange>, sqlx::Error> {
     let now = Utc::now();
     let ago = |d: Duration| now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
-    let mut candidates: Vec<(String, String, AlertRule, String, DateTime<Utc>)> = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
 
     let down: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
         "SELECT device_id, building_id, out_of_service_since FROM elevator_state
@@ -360,7 +360,14 @@ pub async fn evaluate(
     .await?;
     for (device, building, since) in down {
         let summary = format!("out of service since {}", since.to_rfc3339());
-        candidates.push((device, building, AlertRule::OutOfService, summary, now));
+        candidates.push(Candidate {
+            device,
+            building,
+            rule: AlertRule::OutOfService,
+            summary,
+            before: ago(config.out_of_service_after),
+            recheck: STILL_OUT_OF_SERVICE,
+        });
     }
 
     let untested: Vec<(String, String, Option<DateTime<Utc>>)> = sqlx::query_as(
@@ -375,7 +382,14 @@ pub async fn evaluate(
             Some(last) => format!("no passed alarm self-test since {}", last.to_rfc3339()),
             None => "no passed alarm self-test on record".to_string(),
         };
-        candidates.push((device, building, AlertRule::SelfTestMissed, summary, now));
+        candidates.push(Candidate {
+            device,
+            building,
+            rule: AlertRule::SelfTestMissed,
+            summary,
+            before: ago(config.self_test_every),
+            recheck: STILL_UNTESTED,
+        });
     }
 
     let offline: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
@@ -389,19 +403,32 @@ pub async fn evaluate(
     .await?;
     for (device, building, since) in offline {
         let summary = format!("offline since {}", since.to_rfc3339());
-        candidates.push((device, building, AlertRule::DeviceOffline, summary, now));
+        candidates.push(Candidate {
+            device,
+            building,
+            rule: AlertRule::DeviceOffline,
+            summary,
+            before: ago(config.offline_after),
+            recheck: STILL_OFFLINE,
+        });
     }
 
     let mut changes = Vec::new();
-    for (device, building, rule, summary, at) in candidates {
+    for candidate in candidates {
         let mut tx = pool.begin().await?;
+        // Read without locks, the condition may have ended since (an ingest committing the
+        // fault's clear, the device coming back): raised now, the alert would stay open until
+        // the condition came and went again.
+        if !candidate.still_holds(&mut tx).await? {
+            continue;
+        }
         let change = raise(
             &mut tx,
-            &building,
-            &device,
-            rule,
-            &summary,
-            at,
+            &candidate.building,
+            &candidate.device,
+            candidate.rule,
+            &candidate.summary,
+            now,
             Repeat::Ignore,
         )
         .await?;
@@ -410,6 +437,41 @@ pub async fn evaluate(
     }
     Ok(changes)
 }
+
+/// A device a time-based rule matched in the pass's unlocked read.
+struct Candidate {
+    device: String,
+    building: String,
+    rule: AlertRule,
+    summary: String,
+    /// The rule's threshold: its condition began before this.
+    before: DateTime<Utc>,
+    /// The rule's condition, checked again before raising.
+    recheck: &'static str,
+}
+
+impl Candidate {
+    /// Whether the rule still holds, read under a share lock of the device's row: a commit in
+    /// progress on that row (an ingest batch, a presence change) is waited for, then seen.
+    async fn still_holds(&self, tx: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+        Ok(sqlx::query_scalar::<_, String>(self.recheck)
+            .bind(&self.device)
+            .bind(self.before)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some())
+    }
+}
+
+/// The time-based rules' conditions for one device (`$1`) and threshold (`$2`), locking its row.
+const STILL_OUT_OF_SERVICE: &str = "SELECT device_id FROM device_watermarks
+     WHERE device_id = $1 AND state IS NOT NULL AND out_of_service_since < $2 FOR SHARE";
+const STILL_UNTESTED: &str = "SELECT device_id FROM device_watermarks
+     WHERE device_id = $1 AND state IS NOT NULL
+       AND coalesce(last_passed_self_test_at, tracked_since) < $2 FOR SHARE";
+const STILL_OFFLINE: &str = "SELECT device_id FROM device_presence
+     WHERE device_id = $1 AND NOT online AND CASE WHEN lost THEN lost_at ELSE at END < $2
+     FOR SHARE";
 
 /// Evaluates the time-based rules every `evaluate_every` until `shutdown`.
 pub async fn run_evaluator(

@@ -1299,3 +1299,52 @@ async fn time_based_alerts_open_and_resolve_with_presence_service_and_self_tests
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_time_based_alert_is_not_raised_for_a_condition_ended_by_a_commit_in_progress() {
+    use liftwire_telemetry::alerts::{evaluate, AlertConfig};
+    let pg = Postgres::start().await.unwrap();
+    let pool = pg.pool().await.unwrap();
+    liftwire_telemetry::migrate(&pool).await.unwrap();
+    // Out of service for an hour, self-tested just now: only the out-of-service rule matches.
+    sqlx::query(
+        "INSERT INTO device_watermarks (device_id, building_id, persisted_seq, state, tracked_since,
+                                        out_of_service_since, last_passed_self_test_at)
+         VALUES ('elev-1', 'b1', 1, '', now(), now() - interval '1 hour', now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // An ingest batch bringing it back into service, not committed yet.
+    let mut ingest = pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE device_watermarks SET out_of_service_since = NULL WHERE device_id = 'elev-1'",
+    )
+    .execute(&mut *ingest)
+    .await
+    .unwrap();
+    let pass = tokio::spawn({
+        let pool = pool.clone();
+        async move { evaluate(&pool, &AlertConfig::default()).await }
+    });
+    // The pass read the old state, and now waits for the batch before raising.
+    eventually("the pass waiting for the batch's row", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    ingest.commit().await.unwrap();
+    let changes = pass.await.unwrap().unwrap();
+    assert!(changes.is_empty(), "{} raised", changes.len());
+    let alerts: i64 = sqlx::query_scalar("SELECT count(*) FROM alerts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(alerts, 0);
+}
