@@ -353,6 +353,44 @@ async fn kpis_incidents_alerts_and_history_of_two_simulated_days() {
     // The car was without power for 20 minutes between 09:00 and 10:00: fewer samples.
     assert!(history.buckets[9].samples < history.buckets[8].samples);
 
+    // --- History, raw: the day's first samples in time order, cut at the limit --------------
+    let history_of = |bucket_seconds: u32, limit: u32| v1::HistoryRequest {
+        building_id: BUILDING.into(),
+        device_id: "elev-a".into(),
+        range: range(epoch_ms, day_end_ms),
+        bucket_seconds,
+        limit,
+    };
+    let raw: v1::HistoryReply = call(&client, "history", &history_of(0, 5)).await.unwrap();
+    let mut first: Vec<i64> = a
+        .envelopes
+        .iter()
+        .filter(|e| {
+            matches!(e.body, Some(v1::envelope::Body::Telemetry(_)))
+                && (epoch_ms..day_end_ms).contains(&event_time_ms(e))
+        })
+        .map(event_time_ms)
+        .collect();
+    first.sort_unstable();
+    first.truncate(5);
+    let got: Vec<i64> = raw
+        .buckets
+        .iter()
+        .map(|b| {
+            let t = b.start.unwrap();
+            t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+        })
+        .collect();
+    assert_eq!(got, first);
+    assert!(raw.truncated && raw.buckets.iter().all(|b| b.samples == 1));
+    // More buckets in the range than can ever be returned: refused, not computed and cut.
+    assert_eq!(
+        call::<v1::HistoryReply>(&client, "history", &history_of(1, 0))
+            .await
+            .err(),
+        Some(400)
+    );
+
     // --- Alerts: lifecycle, de-duplication, announcements ----------------------------------
     let alerts: v1::AlertsReply = call(
         &client,

@@ -235,6 +235,15 @@ async fn history(q: &Queries, r: v1::HistoryRequest) -> Result<v1::HistoryReply,
         return Err(bad(format!("limit is at most {MAX_BUCKETS}")));
     }
     let limit = i64::from(if r.limit == 0 { 1_000 } else { r.limit });
+    // Buckets are aggregated over the whole range before the limit applies: a range of more
+    // buckets than can ever be returned is refused rather than computed and cut.
+    let span = (to - from).num_seconds();
+    if r.bucket_seconds > 0 && span / i64::from(r.bucket_seconds) > i64::from(MAX_BUCKETS) {
+        return Err(bad(format!(
+            "range holds more than {MAX_BUCKETS} buckets of {} s: widen the buckets or narrow the range",
+            r.bucket_seconds
+        )));
+    }
     type Bucket = (
         DateTime<Utc>,
         i64,
@@ -246,9 +255,16 @@ async fn history(q: &Queries, r: v1::HistoryRequest) -> Result<v1::HistoryReply,
         Option<f64>,
         Option<f64>,
     );
-    let rows: Vec<Bucket> = sqlx::query_as(
-        "SELECT CASE WHEN $4 = 0 THEN at
-                     ELSE date_bin(make_interval(secs => $4), at, TIMESTAMPTZ 'epoch') END AS bucket,
+    // Raw samples read the device's index in time order and stop at the limit.
+    let query = if r.bucket_seconds == 0 {
+        "SELECT at, 1::int8, mode, floor, load_percent::float8, load_percent, speed_mm_s,
+                motor_temp_decicelsius::float8 / 10, motor_temp_decicelsius::float8 / 10
+         FROM device_messages
+         WHERE device_id = $1 AND kind = 'telemetry' AND at >= $2 AND at < $3 AND $4 = 0
+         ORDER BY at, seq
+         LIMIT $5"
+    } else {
+        "SELECT date_bin(make_interval(secs => $4), at, TIMESTAMPTZ 'epoch') AS bucket,
                 count(*),
                 (array_agg(mode ORDER BY at DESC))[1],
                 (array_agg(floor ORDER BY at DESC))[1],
@@ -259,17 +275,18 @@ async fn history(q: &Queries, r: v1::HistoryRequest) -> Result<v1::HistoryReply,
                 max(motor_temp_decicelsius)::float8 / 10
          FROM device_messages
          WHERE device_id = $1 AND kind = 'telemetry' AND at >= $2 AND at < $3
-         GROUP BY bucket, CASE WHEN $4 = 0 THEN seq END
+         GROUP BY bucket
          ORDER BY bucket
-         LIMIT $5",
-    )
-    .bind(&device[0])
-    .bind(from)
-    .bind(to)
-    .bind(f64::from(r.bucket_seconds))
-    .bind(limit + 1)
-    .fetch_all(&q.pool)
-    .await?;
+         LIMIT $5"
+    };
+    let rows: Vec<Bucket> = sqlx::query_as(query)
+        .bind(&device[0])
+        .bind(from)
+        .bind(to)
+        .bind(f64::from(r.bucket_seconds))
+        .bind(limit + 1)
+        .fetch_all(&q.pool)
+        .await?;
     let truncated = rows.len() as i64 > limit;
     let buckets = rows
         .into_iter()
@@ -322,7 +339,8 @@ async fn events(q: &Queries, r: v1::EventsRequest) -> Result<v1::EventsReply, Qu
     let (c_at, c_device, c_seq) = after.unwrap_or((to, String::new(), 0));
     let rows: Vec<(String, i64, DateTime<Utc>, Vec<u8>)> = sqlx::query_as(
         "SELECT device_id, seq, at, payload FROM device_messages
-         WHERE device_id = ANY($1) AND kind = 'event' AND at >= $2 AND at < $3
+         WHERE building_id = $8 AND kind = 'event' AND device_id = ANY($1)
+           AND at >= $2 AND at < $3
            AND ($4 = '' OR (at, device_id, seq) < ($5, $4, $6))
          ORDER BY at DESC, device_id DESC, seq DESC
          LIMIT $7",
@@ -334,6 +352,7 @@ async fn events(q: &Queries, r: v1::EventsRequest) -> Result<v1::EventsReply, Qu
     .bind(c_at)
     .bind(c_seq)
     .bind(limit + 1)
+    .bind(building.as_str())
     .fetch_all(&q.pool)
     .await?;
     let (rows, next_cursor) = paginate(rows, limit, |(device, seq, at, _)| {
