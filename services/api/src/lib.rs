@@ -52,6 +52,10 @@ pub struct HttpConfig {
     pub rate_limit_per_second: f64,
     /// Requests a token may send at once.
     pub rate_limit_burst: u32,
+    /// Live-state streams (SSE) open at once on this replica; more are refused (503).
+    pub max_live_streams: usize,
+    /// Live-state streams one user (token subject) may hold open at once; more are refused (429).
+    pub max_live_streams_per_user: usize,
 }
 
 impl Default for HttpConfig {
@@ -61,6 +65,8 @@ impl Default for HttpConfig {
             max_body_bytes: 64 * 1024,
             rate_limit_per_second: 20.0,
             rate_limit_burst: 60,
+            max_live_streams: 1_000,
+            max_live_streams_per_user: 8,
         }
     }
 }
@@ -74,6 +80,8 @@ pub struct AppState {
     pub nats: async_nats::Client,
     /// Per-token rate limit.
     pub limiter: std::sync::Arc<auth::RateLimiter>,
+    /// Caps on open live-state streams.
+    pub streams: std::sync::Arc<live::StreamLimits>,
 }
 
 impl AppState {
@@ -83,7 +91,17 @@ impl AppState {
             auth,
             nats,
             limiter: std::sync::Arc::new(auth::RateLimiter::new(per_second, burst)),
+            streams: std::sync::Arc::new(live::StreamLimits::new(
+                HttpConfig::default().max_live_streams,
+                HttpConfig::default().max_live_streams_per_user,
+            )),
         }
+    }
+
+    /// At most `total` live-state streams open at once, `per_user` of them for one user.
+    pub fn with_stream_limits(mut self, total: usize, per_user: usize) -> Self {
+        self.streams = std::sync::Arc::new(live::StreamLimits::new(total, per_user));
+        self
     }
 }
 
@@ -238,6 +256,10 @@ impl Service for Api {
                 nats,
                 config.http.rate_limit_per_second,
                 config.http.rate_limit_burst,
+            )
+            .with_stream_limits(
+                config.http.max_live_streams,
+                config.http.max_live_streams_per_user,
             ),
             max_body_bytes: config.http.max_body_bytes,
         })

@@ -1,6 +1,9 @@
 //! `GET /api/v1/buildings/{building}/live`: the live state of every elevator of a building,
 //! asked of the telemetry service over NATS.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use axum::extract::State;
 use axum::Json;
 use liftwire_proto::naming::BuildingId;
@@ -192,6 +195,7 @@ pub async fn building_live_stream(
     use futures::StreamExt;
 
     let building = readable(&principal, building)?;
+    let open = state.streams.open(&principal.subject)?;
     let changes = state
         .nats
         .subscribe(liftwire_proto::naming::building_state_filter(&building))
@@ -217,6 +221,74 @@ pub async fn building_live_stream(
                 .map(Ok)
         })
         // The stream is worth no more than the token that opened it.
-        .take_until(tokio::time::sleep(principal.remaining()));
+        .take_until(tokio::time::sleep(principal.remaining()))
+        // It counts as open until it is dropped (ended, or its client gone).
+        .inspect(move |_| {
+            let _ = &open;
+        });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// Caps on open live-state streams: each holds a NATS subscription and a connection for as
+/// long as its token lives (hours), so without a cap one token could open them without end.
+#[derive(Debug)]
+pub struct StreamLimits {
+    total: Arc<tokio::sync::Semaphore>,
+    per_user: usize,
+    users: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// An open stream's place; released when dropped.
+#[derive(Debug)]
+pub struct OpenStream {
+    _total: tokio::sync::OwnedSemaphorePermit,
+    user: String,
+    users: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl StreamLimits {
+    /// At most `total` streams at once, `per_user` of them for one user.
+    pub fn new(total: usize, per_user: usize) -> Self {
+        Self {
+            total: Arc::new(tokio::sync::Semaphore::new(total)),
+            per_user,
+            users: Arc::default(),
+        }
+    }
+
+    /// A place for a stream of `user`: 429 when the user holds their share, 503 when the
+    /// replica is full.
+    pub fn open(&self, user: &str) -> Result<OpenStream, ApiError> {
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = users.get(user).copied().unwrap_or(0);
+        if held >= self.per_user {
+            return Err(ApiError::TooManyRequests(STREAM_RETRY_SECONDS));
+        }
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Unavailable)?;
+        users.insert(user.to_owned(), held + 1);
+        Ok(OpenStream {
+            _total: total,
+            user: user.to_owned(),
+            users: self.users.clone(),
+        })
+    }
+}
+
+/// Retry-After of a stream refused for the user's share.
+const STREAM_RETRY_SECONDS: u64 = 30;
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = users.get_mut(&self.user) {
+            *held -= 1;
+            if *held == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
 }

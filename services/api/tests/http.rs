@@ -30,15 +30,20 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
+        Self::start_with(|state| state).await
+    }
+
+    /// A server whose state `configure` adjusts.
+    async fn start_with(configure: impl FnOnce(AppState) -> AppState) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let nats = liftwire_testkit::Nats::start().unwrap();
-        let state = AppState::new(
+        let state = configure(AppState::new(
             Authenticator::new(&auth_config()).unwrap(),
             nats.client().await.unwrap(),
             0.0,
             1,
-        );
+        ));
         let stop = CancellationToken::new();
         let task = tokio::spawn(serve_http(listener, state, 1024, stop.clone()));
         Server {
@@ -357,6 +362,65 @@ async fn a_live_stream_ends_when_its_token_expires() {
     })
     .await;
     assert!(ended.is_ok(), "the stream outlived its token");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn live_streams_are_capped_per_user_and_per_replica() {
+    let server = Server::start_with(|state| state.with_stream_limits(3, 2)).await;
+    let token = |user: &str| {
+        mint(
+            &auth_config(),
+            user,
+            Role::Manager,
+            &["mc-larvotto".into()],
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    let open = |token: String| {
+        let url = format!("{}/api/v1/buildings/mc-larvotto/live/stream", server.base);
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = open(alice.clone()).await;
+    let second = open(alice.clone()).await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open(alice.clone()).await;
+    assert_eq!(third.status(), 429, "alice's share is two");
+    assert_eq!(third.headers()["retry-after"], "30");
+    let bobs = open(bob.clone()).await;
+    assert_eq!(bobs.status(), 200);
+    assert_eq!(
+        open(bob.clone()).await.status(),
+        503,
+        "the replica holds three"
+    );
+    // A stream whose client left gives its place back.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = open(bob.clone()).await;
+        if again.status() == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop((second, bobs));
     server.stop().await;
 }
 
