@@ -355,6 +355,11 @@ impl Service for Gateway {
         ] {
             ensure_stream(&js, spec, &config.nats).await?;
         }
+        // Connected now (the streams were declared), so the server's limit is known.
+        check_payload_limit(
+            config.mqtt.max_payload_bytes,
+            nats.server_info().max_payload,
+        )?;
 
         let (uplink_tx, uplink_rx) = mpsc::channel(config.mqtt.uplink_queue);
         let uploads = config
@@ -744,5 +749,31 @@ async fn watch_revocations(
                 takeover(&links, session.broker_id).await;
             }
         }
+    }
+}
+
+/// Room for the headers the bridge adds to a device message (`Nats-Msg-Id`, `traceparent`).
+const HEADER_ROOM: usize = 1024;
+
+/// Refuses to start when an accepted device message could exceed what nats-server takes: such a
+/// message would fail its publish at every retry, and hold up the bridge for every device.
+fn check_payload_limit(max_payload_bytes: usize, server_max: usize) -> Result<(), String> {
+    if max_payload_bytes + HEADER_ROOM > server_max {
+        return Err(format!(
+            "mqtt.max_payload_bytes ({max_payload_bytes}) plus {HEADER_ROOM} bytes of headers \
+             exceeds nats-server's max_payload ({server_max}): lower it, or raise the server's"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_payload_limit_nats_server_cannot_take_is_refused_at_start() {
+        // nats-server's default max_payload is 1 MiB.
+        assert!(super::check_payload_limit(64 * 1024, 1024 * 1024).is_ok());
+        let refused = super::check_payload_limit(1024 * 1024, 1024 * 1024).unwrap_err();
+        assert!(refused.contains("max_payload (1048576)"), "{refused}");
     }
 }
