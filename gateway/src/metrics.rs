@@ -38,6 +38,8 @@ pub struct Metrics {
     pub uplink_rejects: Family<Reason, Counter>,
     /// Uplink messages bridged with flawed content, for their consumers to judge.
     pub uplink_flaws: Family<Reason, Counter>,
+    /// Uplink messages JetStream already had (a device's resend within the duplicate window).
+    pub uplink_duplicates: Counter,
     /// Dead letters that could not be stored (their rejection is still counted).
     pub dead_letter_failures: Counter,
     /// Uplink messages dropped before the bridge (rate limit, full queue, draining).
@@ -74,6 +76,7 @@ impl Metrics {
             uplink_messages: Family::default(),
             uplink_rejects: Family::default(),
             uplink_flaws: Family::default(),
+            uplink_duplicates: Counter::default(),
             dead_letter_failures: Counter::default(),
             uplink_dropped: Family::default(),
             uplink_queue_depth: Gauge::default(),
@@ -121,6 +124,11 @@ impl Metrics {
             "uplink_flaws",
             "Uplink messages bridged with flawed content (kind mismatch, implausible clock, NUL in text), by reason",
             m.uplink_flaws.clone(),
+        );
+        r.register(
+            "uplink_duplicates",
+            "Uplink messages JetStream already had (resends within the duplicate window)",
+            m.uplink_duplicates.clone(),
         );
         r.register(
             "dead_letter_failures",

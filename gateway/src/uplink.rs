@@ -219,9 +219,14 @@ pub async fn run(
             biased;
             Some((pending, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 match result {
-                    Ok(elapsed) => {
+                    Ok(Stored { elapsed, duplicate }) => {
                         metrics.jetstream_publish_seconds.observe(elapsed);
-                        metrics.uplink_messages.get_or_create(&Kind { kind: pending.incoming.uplink.kind.as_str() }).inc();
+                        if duplicate {
+                            // A device's resend within the duplicate window: stored already.
+                            metrics.uplink_duplicates.inc();
+                        } else {
+                            metrics.uplink_messages.get_or_create(&Kind { kind: pending.incoming.uplink.kind.as_str() }).inc();
+                        }
                         if pending.incoming.uplink.kind == UplinkKind::UploadRequest && !pending.flawed {
                             answer_upload(&settings, &pending).await;
                         }
@@ -306,9 +311,17 @@ async fn answer_upload(settings: &BridgeSettings, pending: &Pending) {
     }
 }
 
+/// A publish JetStream acknowledged.
+struct Stored {
+    /// Seconds from publish to ack.
+    elapsed: f64,
+    /// JetStream had it already (same `Nats-Msg-Id` within the duplicate window).
+    duplicate: bool,
+}
+
 type PublishResult = (
     Pending,
-    Result<f64, Box<dyn std::error::Error + Send + Sync>>,
+    Result<Stored, Box<dyn std::error::Error + Send + Sync>>,
 );
 
 async fn publish(js: &jetstream::Context, pending: Pending) -> PublishResult {
@@ -330,7 +343,10 @@ async fn publish(js: &jetstream::Context, pending: Pending) -> PublishResult {
     let result = match sent {
         Ok(ack) => ack
             .await
-            .map(|_| started.elapsed().as_secs_f64())
+            .map(|ack| Stored {
+                elapsed: started.elapsed().as_secs_f64(),
+                duplicate: ack.duplicate,
+            })
             .map_err(Into::into),
         Err(e) => Err(e.into()),
     };

@@ -91,6 +91,13 @@ async fn device_uplink_lands_in_jetstream_attributed_and_deduplicated() {
     );
     let mut uplink = js.get_stream(UPLINK_STREAM.name).await.unwrap();
     assert_eq!(uplink.info().await.unwrap().state.messages, 2);
+    // Counted as what they were: two messages stored, one resend.
+    let metrics = gw.metrics();
+    assert!(
+        metrics.contains("liftwire_gateway_uplink_messages_total{kind=\"event\"} 2")
+            && metrics.contains("liftwire_gateway_uplink_duplicates_total 1"),
+        "{metrics}"
+    );
     let first = &stored[0];
     assert_eq!(first.subject.as_str(), "lw.v1.up.b1.elev-1.event");
     let headers = first.headers.as_ref().unwrap();
