@@ -259,7 +259,7 @@ async fn splice<S: AsyncRead + AsyncWrite + Unpin>(
 
 fn refused(metrics: &Metrics, reason: &'static str, peer: SocketAddr) {
     metrics
-        .acl_violations
+        .edge_refusals
         .get_or_create(&Reason { reason })
         .inc();
     tracing::debug!(%peer, reason, "edge connection refused");
@@ -412,7 +412,7 @@ pub async fn serve_websocket(
             let result = bridge_websocket(ws, first, to).await;
             if let Err(WebSocketEnd::MessageTooLarge) = result {
                 metrics
-                    .acl_violations
+                    .edge_refusals
                     .get_or_create(&Reason {
                         reason: "websocket_message_too_large",
                     })

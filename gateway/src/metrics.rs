@@ -30,6 +30,9 @@ pub struct Metrics {
     pub auth_failures: Family<Reason, Counter>,
     /// Connections closed for breaking the access rules.
     pub acl_violations: Family<Reason, Counter>,
+    /// TLS or WebSocket connections refused before reaching the broker (handshake failed or timed
+    /// out, certificate not the device's, CONNECT too large): scanners and health checks too.
+    pub edge_refusals: Family<Reason, Counter>,
     /// Connections closed for a packet the MQTT codec refused (malformed or over the size limit).
     pub packet_errors: Family<Reason, Counter>,
     /// Uplink messages stored in JetStream.
@@ -72,6 +75,7 @@ impl Metrics {
             connections: Gauge::default(),
             auth_failures: Family::default(),
             acl_violations: Family::default(),
+            edge_refusals: Family::default(),
             packet_errors: Family::default(),
             uplink_messages: Family::default(),
             uplink_rejects: Family::default(),
@@ -104,6 +108,11 @@ impl Metrics {
             "acl_violations",
             "Connections closed for breaking the access rules, by reason",
             m.acl_violations.clone(),
+        );
+        r.register(
+            "edge_refusals",
+            "TLS/WebSocket connections refused before the broker, by reason",
+            m.edge_refusals.clone(),
         );
         r.register(
             "packet_errors",

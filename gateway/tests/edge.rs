@@ -152,11 +152,11 @@ async fn idle_sockets_do_not_block_tls_handshakes_and_certificates_bind_the_devi
     }
     let metrics = gw.metrics();
     assert!(
-        metrics.contains("reason=\"handshake_timeout\"} 5"),
+        metrics.contains("liftwire_gateway_edge_refusals_total{reason=\"handshake_timeout\"} 5"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("reason=\"certificate_mismatch\"} 1"),
+        metrics.contains("liftwire_gateway_edge_refusals_total{reason=\"certificate_mismatch\"} 1"),
         "{metrics}"
     );
     gw.stop().await;
@@ -269,11 +269,11 @@ async fn websocket_clients_that_stall_or_inflate_their_connect_are_refused_like_
     assert_eq!(reply.into_data().as_ref(), mqtt::CONNACK_ACCEPTED);
     let metrics = gw.metrics();
     assert!(
-        metrics.contains("reason=\"connect_too_large\"} 1"),
+        metrics.contains("liftwire_gateway_edge_refusals_total{reason=\"connect_too_large\"} 1"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("reason=\"handshake_timeout\"} 1"),
+        metrics.contains("liftwire_gateway_edge_refusals_total{reason=\"handshake_timeout\"} 1"),
         "{metrics}"
     );
     gw.stop().await;
@@ -317,7 +317,7 @@ async fn websocket_messages_larger_than_any_packet_close_only_their_connection()
     let deadline = tokio::time::Instant::now() + WAIT;
     while !gw
         .metrics()
-        .contains("reason=\"websocket_message_too_large\"} 1")
+        .contains("liftwire_gateway_edge_refusals_total{reason=\"websocket_message_too_large\"} 1")
     {
         assert!(
             tokio::time::Instant::now() < deadline,
