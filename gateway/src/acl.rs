@@ -175,26 +175,61 @@ mod tests {
         }
     }
 
-    /// Topic levels that are often right and often hostile, so accepting and rejecting paths both
-    /// get exercised.
+    /// Topic levels that are often right and often hostile.
+    const LEVELS: [&str; 14] = [
+        "b1",
+        "b2",
+        "elev-1",
+        "elev-2",
+        "_all",
+        "+",
+        "#",
+        "down",
+        "up",
+        "command",
+        "screen-content",
+        "telemetry",
+        "",
+        "$SYS",
+    ];
+
     fn level() -> impl Strategy<Value = String> {
-        proptest::sample::select(vec![
-            "b1",
-            "b2",
-            "elev-1",
-            "elev-2",
-            "_all",
-            "+",
-            "#",
-            "down",
-            "up",
-            "command",
-            "screen-content",
-            "telemetry",
-            "",
-            "$SYS",
-        ])
-        .prop_map(str::to_owned)
+        proptest::sample::select(LEVELS.to_vec()).prop_map(str::to_owned)
+    }
+
+    /// Every topic of the contract's shape built from [`LEVELS`] (14⁴ of them): exactly the
+    /// device's own pass. (Free-form topics rarely hit the accepting path; this covers it whole.)
+    #[test]
+    fn among_every_hostile_combination_exactly_the_devices_own_pass() {
+        let me = identity("b1", "elev-1");
+        let (mut published, mut subscribed) = (Vec::new(), Vec::new());
+        for building in LEVELS {
+            for device in LEVELS {
+                for direction in LEVELS {
+                    for kind in LEVELS {
+                        let topic = format!("lw/v1/{building}/{device}/{direction}/{kind}");
+                        if check_publish(&me, &topic).is_ok() {
+                            published.push(topic.clone());
+                        }
+                        if check_subscribe(&me, &topic).is_ok() {
+                            subscribed.push(topic);
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(published, ["lw/v1/b1/elev-1/up/telemetry"]);
+        assert_eq!(
+            subscribed,
+            [
+                "lw/v1/b1/elev-1/down/+",
+                "lw/v1/b1/elev-1/down/command",
+                "lw/v1/b1/elev-1/down/screen-content",
+                "lw/v1/b1/_all/down/+",
+                "lw/v1/b1/_all/down/command",
+                "lw/v1/b1/_all/down/screen-content",
+            ]
+        );
     }
 
     proptest! {
