@@ -367,8 +367,12 @@ pub async fn run(
                 Ok(Event::Incoming(Incoming::Publish(publish))) if publish.topic == watermark_topic => {
                     if let Ok(v1::Downlink { body: Some(v1::downlink::Body::Watermark(w)), .. }) = v1::Downlink::decode(publish.payload.as_ref()) {
                         let before = outbox.len();
-                        outbox.confirm(w.persisted_seq)?;
-                        let confirmed = before - outbox.len();
+                        if outbox.confirm(w.persisted_seq)? {
+                            tracing::warn!(%device, watermark = w.persisted_seq, "the backend holds sequence numbers this device never issued (a reset?): continuing above them");
+                            firmware.set_next_seq(outbox.next_seq());
+                            resend_from = (!outbox.is_empty()).then(|| outbox.watermark() + 1);
+                        }
+                        let confirmed = before.saturating_sub(outbox.len());
                         if confirmed > 0 {
                             stats.confirmed.fetch_add(confirmed as u64, Ordering::Relaxed);
                             last_progress = Instant::now();

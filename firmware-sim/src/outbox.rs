@@ -125,12 +125,26 @@ impl Outbox {
         Ok(())
     }
 
-    /// The backend persisted everything up to `seq`: drop it from the outbox.
-    pub fn confirm(&mut self, seq: u64) -> io::Result<()> {
+    /// The backend persisted everything up to `seq`: drop it from the outbox. Returns true when
+    /// `seq` is at or beyond this device's own numbering: the backend holds sequence numbers
+    /// this outbox never issued (a new board, a wiped flash restarted at 1), so everything
+    /// unconfirmed here was taken for a duplicate and dropped. The outbox then continues above
+    /// `seq`: its unconfirmed envelopes are renumbered from `seq + 1`, to be sent again.
+    pub fn confirm(&mut self, seq: u64) -> io::Result<bool> {
         if seq <= self.watermark {
-            return Ok(());
+            return Ok(false);
         }
-        self.watermark = seq.min(self.next_seq - 1);
+        if seq >= self.next_seq {
+            for (n, envelope) in (seq + 1..).zip(self.pending.iter_mut()) {
+                envelope.seq = n;
+            }
+            self.next_seq = seq + 1 + self.pending.len() as u64;
+            self.watermark = seq;
+            self.compact()?;
+            self.write_watermark()?;
+            return Ok(true);
+        }
+        self.watermark = seq;
         while self
             .pending
             .front()
@@ -139,13 +153,17 @@ impl Outbox {
             self.pending.pop_front();
             self.confirmed_in_file += 1;
         }
-        let tmp = self.dir.join("watermark.tmp");
-        fs::write(&tmp, self.watermark.to_string())?;
-        fs::rename(&tmp, self.dir.join("watermark"))?;
+        self.write_watermark()?;
         if self.confirmed_in_file >= COMPACT_AFTER {
             self.compact()?;
         }
-        Ok(())
+        Ok(false)
+    }
+
+    fn write_watermark(&self) -> io::Result<()> {
+        let tmp = self.dir.join("watermark.tmp");
+        fs::write(&tmp, self.watermark.to_string())?;
+        fs::rename(&tmp, self.dir.join("watermark"))
     }
 
     /// Rewrites the file with the unconfirmed envelopes only.
@@ -214,6 +232,37 @@ mod tests {
         // A watermark from the past changes nothing.
         outbox.confirm(2).unwrap();
         assert_eq!(outbox.watermark(), 5);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_watermark_beyond_its_own_numbering_renumbers_what_is_unconfirmed() {
+        // A new board restarted at 1 while the backend holds up to 2,000,000: its messages were
+        // taken for duplicates. It continues above the watermark instead of dropping them.
+        let dir = temp_dir("renumber");
+        {
+            let mut outbox = Outbox::open(&dir).unwrap();
+            for seq in 1..=3 {
+                outbox.push(envelope(seq)).unwrap();
+            }
+            assert!(outbox.confirm(2_000_000).unwrap());
+            assert_eq!(
+                outbox.pending().map(|e| e.seq).collect::<Vec<_>>(),
+                [2_000_001, 2_000_002, 2_000_003]
+            );
+            assert_eq!(outbox.next_seq(), 2_000_004);
+            assert!(
+                !outbox.confirm(2_000_002).unwrap(),
+                "an ordinary confirmation"
+            );
+        }
+        let outbox = Outbox::open(&dir).unwrap();
+        assert_eq!(outbox.watermark(), 2_000_002);
+        assert_eq!(
+            outbox.pending().map(|e| e.seq).collect::<Vec<_>>(),
+            [2_000_003]
+        );
+        assert_eq!(outbox.next_seq(), 2_000_004);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -135,6 +135,41 @@ async fn simulated_devices_lose_nothing_across_gateway_and_simulator_restarts() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_device_whose_numbering_restarts_continues_above_its_watermark() {
+    // A controller board replaced, or its flash wiped: the device numbers from 1 again while
+    // the backend holds its earlier numbers. Its new messages must not be taken for duplicates.
+    let nats = Nats::start().unwrap();
+    let pg = Postgres::start().await.unwrap();
+    let registry_url = registry_database(&pg).await;
+    let (pool, ingest) = telemetry(&nats, &pg).await;
+    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let settings = sim_settings(gw.addr, data_dir.path(), 60.0);
+    let (stop, run) = fleet_task(fleet(12, 1), settings.clone(), Some(registry_url.clone()));
+    eventually(
+        "messages reach telemetry",
+        Duration::from_secs(60),
+        || async { stored(&pool).await >= 45 },
+    )
+    .await;
+    drain(fleet(12, 1), settings.clone(), stop, run, &pool).await;
+    let before = stored(&pool).await;
+
+    std::fs::remove_dir_all(data_dir.path().join("outbox")).unwrap();
+    let (stop, run) = fleet_task(fleet(12, 1), settings.clone(), Some(registry_url.clone()));
+    eventually(
+        "new messages stored above the old numbers",
+        Duration::from_secs(60),
+        || async { stored(&pool).await >= before + 20 },
+    )
+    .await;
+    drain(fleet(12, 1), settings, stop, run, &pool).await;
+    assert_every_sequence_once(&pool, 1).await;
+    gw.running.stop().await;
+    ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_nats_restart_loses_nothing_from_qos1_devices() {
     let mut nats = Nats::start().unwrap();
     let pg = Postgres::start().await.unwrap();
