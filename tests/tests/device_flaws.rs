@@ -112,7 +112,7 @@ async fn flawed_messages_keep_their_place_and_the_watermark_passes_them() {
         rows,
         [
             (1, "event".to_owned(), true),
-            // Kept, under its arrival time, not dropped as older than the retention.
+            // Kept, under its arrival time.
             (2, "event".to_owned(), true),
             (3, "rejected".to_owned(), true),
             (4, "rejected".to_owned(), true),

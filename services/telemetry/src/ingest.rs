@@ -177,9 +177,6 @@ pub enum Rejection {
     /// A value no elevator can report.
     #[error("impossible content: {0}")]
     Impossible(String),
-    /// Filed before the oldest day kept.
-    #[error("message time {0} is older than the retention")]
-    BeyondRetention(DateTime<Utc>),
 }
 
 impl Rejection {
@@ -195,7 +192,6 @@ impl Rejection {
             Rejection::EmptyBody => "empty_body",
             Rejection::KindMismatch { .. } => "kind_mismatch",
             Rejection::Impossible(_) => "impossible_content",
-            Rejection::BeyondRetention(_) => "beyond_retention",
         }
     }
 }
@@ -353,9 +349,12 @@ pub fn validate(subject: &str, payload: &bytes::Bytes, clock: &Clock) -> Result<
         .as_ref()
         .and_then(crate::state::datetime)
         .filter(|t| t.timestamp() >= liftwire_proto::EARLIEST_DEVICE_TIME);
-    // The device clock, unless missing or ahead of the gateway's by more than the allowed skew.
+    // The device clock, unless missing, ahead of the gateway's by more than the allowed skew,
+    // or older than the retention (a clock reset to its firmware's build date, say; the day's
+    // partition is gone too): then the arrival time. Whatever its clock, what a device reports,
+    // an entrapment first, is kept.
     let at = device_time
-        .filter(|t| *t <= clock.received_at + clock.max_clock_skew)
+        .filter(|t| *t <= clock.received_at + clock.max_clock_skew && *t >= clock.oldest)
         .unwrap_or(clock.received_at);
     let mut row = Row {
         device: uplink.device.to_string(),
@@ -380,9 +379,6 @@ pub fn validate(subject: &str, payload: &bytes::Bytes, clock: &Clock) -> Result<
             });
         }
         check_content(&envelope)?;
-        if at < clock.oldest {
-            return Err(Rejection::BeyondRetention(at));
-        }
         Ok(kind)
     })();
     match content {
@@ -1049,12 +1045,6 @@ mod tests {
             )),
         }));
         assert_eq!(refused(SUBJECT, unstorable), "impossible_content");
-        let mut ancient = envelope("elev-1", 7);
-        ancient.device_time = Some(liftwire_proto::Timestamp {
-            seconds: 1_700_000_000,
-            nanos: 0,
-        });
-        assert_eq!(refused(SUBJECT, ancient), "beyond_retention");
     }
 
     #[test]
@@ -1077,14 +1067,18 @@ mod tests {
         let mut none = envelope("elev-1", 3);
         none.device_time = None;
         assert_eq!(check(SUBJECT, &none).unwrap().at, clock().received_at);
-        // An unset clock (1970, or a year PostgreSQL cannot even store) is no clock: the message
-        // is kept, under its arrival time, not refused as older than the retention.
-        for seconds in [0, 946_684_800, -300_000_000_000] {
+        // An unset clock (1970, or a year PostgreSQL cannot even store) is no clock, and one
+        // older than the retention is not believed: the message is kept, under its arrival time.
+        for seconds in [0, 946_684_800, -300_000_000_000, 1_700_000_000] {
             let mut unset = envelope("elev-1", 4);
             unset.device_time = Some(liftwire_proto::Timestamp { seconds, nanos: 0 });
             let row = check(SUBJECT, &unset).unwrap();
             assert_eq!(row.at, clock().received_at, "{seconds}");
-            assert_eq!(row.device_time, None, "{seconds}");
+            assert_eq!(
+                row.device_time.is_none(),
+                seconds < liftwire_proto::EARLIEST_DEVICE_TIME,
+                "{seconds}: an unset clock is not even recorded"
+            );
         }
     }
 
