@@ -640,6 +640,9 @@ impl Ingest {
                     }
                 }
                 Err(e) => {
+                    if store::is_missing_partition(&e) {
+                        self.partitions.forget();
+                    }
                     self.database_ready.set(false);
                     self.metrics.database_errors.inc();
                     tracing::warn!(error = %e, retry_in = ?backoff, "writing a batch failed; JetStream keeps it for redelivery");

@@ -103,6 +103,12 @@ impl Partitions {
             .collect()
     }
 
+    /// Forgets which partitions exist: the next [`Partitions::ensure`] looks again (after a row
+    /// found its day's partition gone).
+    pub fn forget(&self) {
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn remember(&self, days: impl IntoIterator<Item = NaiveDate>) {
         self.known
             .lock()

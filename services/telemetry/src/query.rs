@@ -336,12 +336,14 @@ async fn events(q: &Queries, r: v1::EventsRequest) -> Result<v1::EventsReply, Qu
     let (from, to) = range(&r.range)?;
     let limit = page_limit(&r.page)?;
     let after = parse_event_cursor(cursor(&r.page))?;
+    // The first page starts below (to, '', 0), which every row in the range is (`at < to`):
+    // one bound for every page, so that even a generic plan reads the index from the cursor.
     let (c_at, c_device, c_seq) = after.unwrap_or((to, String::new(), 0));
     let rows: Vec<(String, i64, DateTime<Utc>, Vec<u8>)> = sqlx::query_as(
         "SELECT device_id, seq, at, payload FROM device_messages
          WHERE building_id = $8 AND kind = 'event' AND device_id = ANY($1)
            AND at >= $2 AND at < $3
-           AND ($4 = '' OR (at, device_id, seq) < ($5, $4, $6))
+           AND (at, device_id, seq) < ($5, $4, $6)
          ORDER BY at DESC, device_id DESC, seq DESC
          LIMIT $7",
     )

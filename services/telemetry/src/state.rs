@@ -319,9 +319,15 @@ fn apply_event(
                 return;
             }
             // Bounded: firmware whose clears get lost would otherwise grow the state, stored
-            // and announced with every batch, without end. The oldest gives way.
+            // and announced with every batch, without end. The oldest non-blocking fault gives
+            // way (a blocking one only if all are: one stays, so the car stays out of service).
             if state.open_faults.len() >= MAX_OPEN_FAULTS {
-                let oldest = state.open_faults.remove(0);
+                let evicted = state
+                    .open_faults
+                    .iter()
+                    .position(|f| !f.blocking)
+                    .unwrap_or(0);
+                let oldest = state.open_faults.remove(evicted);
                 effects.push(Effect::Close {
                     kind: IncidentKind::Fault,
                     ref_id: oldest.fault_id,
@@ -779,6 +785,22 @@ mod tests {
         assert_eq!(fold.state.open_faults.len(), MAX_OPEN_FAULTS);
         assert_eq!(fold.state.open_faults[0].fault_id, "f1");
         assert!(fold.state.recent_faults.len() <= FoldRules::default().fault_burst_count);
+
+        // A blocking fault never gives way to the cap while a non-blocking one can: the car
+        // stays out of service.
+        let mut fold = Fold::new();
+        fold.at(0, normal(0));
+        fold.event(1, fault("stop", true));
+        for n in 1..MAX_OPEN_FAULTS {
+            fold.event(1 + n as i64, fault(&format!("f{n}"), false));
+        }
+        let effects = fold.event(1_000, fault("newest", false));
+        assert!(
+            matches!(&effects[0], Effect::Close { kind: IncidentKind::Fault, ref_id, .. } if ref_id == "f1"),
+            "{effects:?}"
+        );
+        assert!(!fold.state.in_service);
+        assert_eq!(fold.state.open_faults[0].fault_id, "stop");
     }
 
     #[test]

@@ -207,12 +207,21 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// A value PostgreSQL refuses whenever it is written (class 22, data exception; class 23,
 /// a constraint, but a unique violation, which [`write_rows`] handles), as opposed to an outage.
+/// A row without its day's partition is not one: the partition is made again and the batch
+/// retried ([`is_missing_partition`]).
 fn is_refused_value(e: &sqlx::Error) -> bool {
     let sqlx::Error::Database(db) = e else {
         return false;
     };
     db.code()
         .is_some_and(|code| code.starts_with("22") || (code.starts_with("23") && code != "23505"))
+        && !is_missing_partition(e)
+}
+
+/// A row whose day has no partition (dropped since this replica last looked).
+pub fn is_missing_partition(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23514") && db.message().starts_with("no partition of relation"))
 }
 
 /// A device's bookkeeping row, locked: device, persisted watermark, highest stored sequence

@@ -1348,3 +1348,39 @@ async fn a_time_based_alert_is_not_raised_for_a_condition_ended_by_a_commit_in_p
         .unwrap();
     assert_eq!(alerts, 0);
 }
+
+#[tokio::test]
+async fn a_partition_dropped_behind_the_replicas_back_is_made_again() {
+    let rig = Rig::start().await;
+    let mut watermarks = rig.watermarks("b1", "elev-1").await;
+    let topic = "lw/v1/b1/elev-1/up/event";
+    rig.publish(topic, &event("elev-1", 1), true).await;
+    assert_eq!(watermark_reaching(&mut watermarks, 1).await, 1);
+    // The replica believes the day's partition exists; an operator (or another replica's
+    // retention) drops it.
+    let second = event("elev-1", 2);
+    let day = liftwire_proto::datetime(second.device_time.as_ref().unwrap())
+        .unwrap()
+        .date_naive();
+    let pool = rig.pg.pool().await.unwrap();
+    sqlx::query(&format!(
+        "DROP TABLE {}",
+        liftwire_telemetry::partitions::partition_name(day)
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    rig.publish(topic, &second, true).await;
+    assert_eq!(
+        watermark_reaching(&mut watermarks, 2).await,
+        2,
+        "stored once the partition is made again"
+    );
+    let kind: String = sqlx::query_scalar("SELECT kind FROM device_messages WHERE seq = 2")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kind, "event", "stored as itself, not as a placeholder");
+    pool.close().await;
+    rig.stop().await;
+}
