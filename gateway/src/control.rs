@@ -429,8 +429,8 @@ pub async fn record_result(
     let Ok(uplink) = Uplink::from_nats_subject(subject) else {
         return Ok(false);
     };
-    // A NUL character cannot be stored in `text` and would be redelivered for ever; the uplink
-    // bridge refuses such results, this covers any stored before it did.
+    // A NUL character cannot be stored in `text` and would be redelivered for ever: such a
+    // result (bridged for telemetry to keep its place in the sequence) is not recorded.
     let Some(v1::envelope::Body::CommandResult(result)) = v1::Envelope::decode(payload)
         .ok()
         .filter(|e| e.device_id == uplink.device.as_str() && nul_in_text(e).is_none())

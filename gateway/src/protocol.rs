@@ -24,7 +24,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::acl;
 use crate::metrics::Reason;
-use crate::session::{Incoming, PresenceChange, Session, Shared};
+use crate::session::{Incoming, PresenceChange, RateBucket, Session, Shared};
 
 /// The topic accepted uplink publishes are rewritten to once the bridge has them: the connection
 /// acknowledges them itself and does not pass them to the router ([`Protocol::handled`] of the
@@ -44,27 +44,6 @@ pub fn device_of(broker_id: &str) -> &str {
         .map_or(broker_id, |(device, _)| device)
 }
 
-/// A token bucket: `rate` tokens per second, at most `burst`.
-#[derive(Debug, Clone)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn take(&mut self, rate: f64, burst: f64) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Connection {
     client_id: Option<String>,
@@ -74,7 +53,8 @@ struct Connection {
     session: Option<Session>,
     online: bool,
     graceful: bool,
-    bucket: Bucket,
+    /// The device's rate-limit bucket (once authenticated), shared with its other connections.
+    bucket: Option<Arc<Mutex<RateBucket>>>,
     commands: Commands,
 }
 
@@ -101,7 +81,6 @@ pub struct Guard<P> {
 impl<P> Guard<P> {
     /// A guard prototype for a listener; rumqttd clones it for each connection.
     pub fn new(inner: P, shared: Arc<Shared>, v4: bool) -> Self {
-        let burst = shared.rate_limit.1;
         Self {
             inner,
             shared,
@@ -113,10 +92,7 @@ impl<P> Guard<P> {
                 online: false,
                 graceful: false,
                 commands: Commands::NotSubscribed,
-                bucket: Bucket {
-                    tokens: burst,
-                    last: Instant::now(),
-                },
+                bucket: None,
             }),
         }
     }
@@ -163,8 +139,7 @@ impl<P> Guard<P> {
     /// Makes `session` the connection's, with what its device has left of its rate limit (the
     /// limit outlives connections: reconnecting buys no fresh burst).
     fn attach(&self, conn: &mut Connection, session: Session) {
-        let (tokens, last) = self.shared.rate_tokens(session.identity.device.as_str());
-        conn.bucket = Bucket { tokens, last };
+        conn.bucket = Some(self.shared.rate_bucket(session.identity.device.as_str()));
         conn.session = Some(session);
     }
 
@@ -191,8 +166,10 @@ impl<P> Drop for Guard<P> {
         else {
             return;
         };
-        self.shared
-            .keep_rate_tokens(client_id, conn.bucket.tokens, conn.bucket.last);
+        if let Some(bucket) = conn.bucket.take() {
+            self.shared
+                .release_rate_bucket(session.identity.device.as_str(), bucket);
+        }
         // Replaced by a newer connection of the same device: it is not going offline.
         let replaced = self
             .shared
@@ -288,7 +265,13 @@ impl<P: Protocol> Protocol for Guard<P> {
                     self.drop_uplink("draining");
                     return Err(Error::InvalidProtocol);
                 }
-                if !self.conn().bucket.take(rate, burst) {
+                let allowed = self.conn().bucket.as_ref().is_some_and(|bucket| {
+                    bucket
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take(rate, burst)
+                });
+                if !allowed {
                     // No PUBACK and the connection closes, as for a full queue: the device keeps
                     // the message and resends it once reconnected, paced by its backoff. A
                     // message dropped but acknowledged would leave a gap that stops the

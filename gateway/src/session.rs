@@ -96,14 +96,42 @@ pub struct Shared {
     /// Which device messages start a recorded trace (`trace_sample_ratio`); the others get no
     /// span, only a `traceparent` saying they are not sampled.
     pub trace_sampler: HeadSampler,
-    /// What each device had left of its rate limit when its last connection closed (tokens, and
-    /// when they were counted), so that reconnecting does not buy a fresh burst. Only buckets
-    /// not yet full again are kept.
-    rate_left: Mutex<HashMap<String, (f64, Instant)>>,
+    /// Each device's rate-limit bucket, shared by all its connections (a takeover's new
+    /// connection attaches before the old one is gone) and kept after the last closes until
+    /// it is full again: reconnecting buys no fresh burst.
+    rate_buckets: Mutex<HashMap<String, Arc<Mutex<RateBucket>>>>,
 }
 
-/// Devices whose rate-limit tokens are kept before the full ones are forgotten.
-const MAX_RATE_LEFT: usize = 10_000;
+/// Idle devices whose rate-limit buckets are kept before the full ones are forgotten.
+const MAX_RATE_BUCKETS: usize = 10_000;
+
+/// A token bucket: `rate` tokens per second, at most `burst`.
+#[derive(Debug)]
+pub struct RateBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateBucket {
+    /// Takes a token if there is one.
+    pub fn take(&mut self, rate: f64, burst: f64) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether it has refilled to `burst` by `now`: then it is like a fresh one.
+    fn full_by(&self, now: Instant, rate: f64, burst: f64) -> bool {
+        rate <= 0.0
+            || self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * rate >= burst
+    }
+}
 
 impl Shared {
     /// New shared state.
@@ -124,40 +152,59 @@ impl Shared {
             rate_limit,
             draining: AtomicBool::new(false),
             trace_sampler,
-            rate_left: Mutex::new(HashMap::new()),
+            rate_buckets: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The rate-limit tokens a new connection of `device` starts with, and when they were
-    /// counted: what its last connection left (they refill from then on), or a full burst.
-    pub fn rate_tokens(&self, device: &str) -> (f64, Instant) {
-        let kept = self
-            .rate_left
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(device);
-        kept.unwrap_or((self.rate_limit.1, Instant::now()))
-    }
-
-    /// Keeps what a closing connection of `device` left of its rate limit.
-    pub fn keep_rate_tokens(&self, device: &str, tokens: f64, at: Instant) {
+    /// `device`'s rate-limit bucket, shared with its other connections: what it has left, or a
+    /// full burst.
+    pub fn rate_bucket(&self, device: &str) -> Arc<Mutex<RateBucket>> {
         let (rate, burst) = self.rate_limit;
-        let full_at = |tokens: f64, at: Instant| {
-            at + std::time::Duration::from_secs_f64(((burst - tokens) / rate).clamp(0.0, 1e9))
-        };
         let now = Instant::now();
-        if rate <= 0.0 || full_at(tokens, at) <= now {
-            return;
-        }
-        let mut left = self
-            .rate_left
+        let mut buckets = self
+            .rate_buckets
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if left.len() >= MAX_RATE_LEFT {
-            left.retain(|_, (tokens, at)| full_at(*tokens, *at) > now);
+        if buckets.len() >= MAX_RATE_BUCKETS && !buckets.contains_key(device) {
+            // Forget the idle ones that are full again (no different from fresh ones).
+            buckets.retain(|_, bucket| {
+                Arc::strong_count(bucket) > 1
+                    || !bucket
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .full_by(now, rate, burst)
+            });
         }
-        if left.len() < MAX_RATE_LEFT {
-            left.insert(device.to_owned(), (tokens, at));
+        buckets
+            .entry(device.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(RateBucket {
+                    tokens: burst,
+                    last: now,
+                }))
+            })
+            .clone()
+    }
+
+    /// A connection of `device` is done with `bucket`: forgotten if it was the last one and the
+    /// bucket is full again, kept otherwise.
+    pub fn release_rate_bucket(&self, device: &str, bucket: Arc<Mutex<RateBucket>>) {
+        let (rate, burst) = self.rate_limit;
+        let mut buckets = self
+            .rate_buckets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        drop(bucket);
+        let forget = buckets.get(device).is_some_and(|kept| {
+            Arc::strong_count(kept) == 1
+                && kept.lock().unwrap_or_else(PoisonError::into_inner).full_by(
+                    Instant::now(),
+                    rate,
+                    burst,
+                )
+        });
+        if forget {
+            buckets.remove(device);
         }
     }
 

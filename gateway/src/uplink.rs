@@ -179,7 +179,8 @@ pub struct BridgeSettings {
 struct Pending {
     incoming: Incoming,
     seq: u64,
-    /// Its content is flawed ([`Accepted::flaw`]): bridged, but not acted on here.
+    /// Its body cannot be acted on here (a kind mismatch, a NUL in a text field): bridged, but
+    /// not answered (an implausible clock alone does not stop an upload grant).
     flawed: bool,
     attempt: u32,
 }
@@ -221,8 +222,10 @@ pub async fn run(
                 match result {
                     Ok(Stored { elapsed, duplicate }) => {
                         metrics.jetstream_publish_seconds.observe(elapsed);
-                        if duplicate {
-                            // A device's resend within the duplicate window: stored already.
+                        // A first publish JetStream already had: a device's resend within the
+                        // duplicate window. (A retry's may be its own first attempt, stored with
+                        // the ack lost.)
+                        if duplicate && pending.attempt == 0 {
                             metrics.uplink_duplicates.inc();
                         } else {
                             metrics.uplink_messages.get_or_create(&Kind { kind: pending.incoming.uplink.kind.as_str() }).inc();
@@ -264,7 +267,7 @@ pub async fn run(
                                     metrics.uplink_flaws.get_or_create(&Reason { reason: flaw.reason() }).inc();
                                     tracing::debug!(parent: &incoming.span, device = %incoming.identity.device, seq, reason = flaw.reason(), error = %flaw, "bridging a message with flawed content");
                                 }
-                                let flawed = flaw.is_some();
+                                let flawed = flaw.as_ref().is_some_and(|flaw| !matches!(flaw, Rejection::Timestamp(_)));
                                 in_flight.push(publish(&js, Pending { incoming, seq, flawed, attempt: 0 }));
                             }
                             Err(rejection) => letters.push(dead_letter(&js, &dead_letters, &metrics, incoming, rejection)),

@@ -1058,13 +1058,17 @@ async fn a_flooding_device_is_cut_off_its_limit_outlives_the_connection_and_othe
             .await;
     }
     flood.closed().await;
-    // Reconnecting buys no fresh burst.
+    // Reconnecting buys no fresh burst, nor does a second connection taking over a live one.
     let mut again = Device::connect(gw.addr, "elev-noisy", "elev-noisy", &noisy)
         .connected()
         .await;
-    again
+    let mut takeover = Device::connect(gw.addr, "elev-noisy", "elev-noisy", &noisy)
+        .connected()
+        .await;
+    takeover
         .publish("lw/v1/b1/elev-noisy/up/event", envelope("elev-noisy", 6))
         .await;
+    takeover.closed().await;
     again.closed().await;
     for seq in 1..=3 {
         quiet
