@@ -64,9 +64,10 @@ async fn replica(
             max_backoff: Duration::from_millis(300),
             ..ingest
         },
-        // Short, so that a silent gateway is noticed fast.
+        // Short, so that a silent gateway is noticed fast, yet ten heartbeats (200 ms) long, so
+        // that a loaded machine's stall does not pass for a silent gateway.
         presence: PresenceConfig {
-            gateway_timeout: Duration::from_secs(1),
+            gateway_timeout: Duration::from_secs(2),
         },
         ..Default::default()
     };
@@ -574,7 +575,7 @@ fn unix_now() -> i64 {
     liftwire_proto::timestamp(std::time::SystemTime::now()).seconds
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn devices_of_a_gateway_whose_heartbeats_stop_are_recorded_offline() {
     let rig = Rig::start().await;
     let client = rig.nats.client().await.unwrap();
@@ -697,7 +698,7 @@ async fn devices_of_a_gateway_whose_heartbeats_stop_are_recorded_offline() {
     rig.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_leftover_connections_answer_never_beats_the_gateway_the_device_moved_to() {
     let rig = Rig::start().await;
     let client = rig.nats.client().await.unwrap();
@@ -739,7 +740,7 @@ async fn a_leftover_connections_answer_never_beats_the_gateway_the_device_moved_
     rig.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn an_offline_report_from_a_gateway_that_no_longer_holds_the_device_is_ignored() {
     let rig = Rig::start().await;
     let client = rig.nats.client().await.unwrap();
