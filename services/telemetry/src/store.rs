@@ -218,10 +218,11 @@ fn is_refused_value(e: &sqlx::Error) -> bool {
         && !is_missing_partition(e)
 }
 
-/// A row whose day has no partition (dropped since this replica last looked).
+/// A row whose day has no partition (dropped since this replica last looked): a check violation
+/// that, unlike a CHECK constraint's, names no constraint (the message text is translated).
 pub fn is_missing_partition(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db)
-        if db.code().as_deref() == Some("23514") && db.message().starts_with("no partition of relation"))
+        if db.code().as_deref() == Some("23514") && db.constraint().is_none())
 }
 
 /// A device's bookkeeping row, locked: device, persisted watermark, highest stored sequence
@@ -732,5 +733,8 @@ async fn apply_effect(
 
 /// Day partitions a set of rows needs.
 pub fn days(rows: &[Row]) -> BTreeSet<chrono::NaiveDate> {
-    rows.iter().map(|r| r.at.date_naive()).collect()
+    // The arrival day too: a row PostgreSQL refuses is stored as a placeholder filed under it.
+    rows.iter()
+        .flat_map(|r| [r.at.date_naive(), r.received_at.date_naive()])
+        .collect()
 }
