@@ -133,9 +133,10 @@ pub struct MqttConfig {
     /// secret was rotated since they logged in, are disconnected).
     #[serde(with = "humantime_serde")]
     pub revocation_poll: Duration,
-    /// Sustained uplink messages per second per device; more are dropped and counted.
+    /// Sustained uplink messages per second per device (above zero); a publish over it gets no
+    /// PUBACK and closes the connection (counted), the device resending it once reconnected.
     pub rate_limit_per_second: f64,
-    /// Uplink burst per device.
+    /// Uplink burst per device (at least 1).
     pub rate_limit_burst: f64,
     /// Uplink messages queued for the bridge; when full, publishing devices are disconnected
     /// (they keep the message in their outbox) instead of growing memory.
@@ -333,6 +334,17 @@ impl Service for Gateway {
         liftwire_proto::naming::gateway_heartbeat_subject(&config.gateway_id)?;
         if config.heartbeat_interval.is_zero() {
             return Err("heartbeat_interval must be above zero".into());
+        }
+        let (rate, burst) = (
+            config.mqtt.rate_limit_per_second,
+            config.mqtt.rate_limit_burst,
+        );
+        if !(rate.is_finite() && rate > 0.0 && burst.is_finite() && burst >= 1.0) {
+            return Err(format!(
+                "mqtt.rate_limit_per_second ({rate}) must be above zero and mqtt.rate_limit_burst \
+                 ({burst}) at least 1"
+            )
+            .into());
         }
         let nats_ready = ctx.readiness.register("nats");
         let mqtt_ready = ctx.readiness.register("mqtt");

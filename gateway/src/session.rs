@@ -99,11 +99,21 @@ pub struct Shared {
     /// Each device's rate-limit bucket, shared by all its connections (a takeover's new
     /// connection attaches before the old one is gone) and kept after the last closes until
     /// it is full again: reconnecting buys no fresh burst.
-    rate_buckets: Mutex<HashMap<String, Arc<Mutex<RateBucket>>>>,
+    rate_buckets: Mutex<RateBuckets>,
 }
 
-/// Idle devices whose rate-limit buckets are kept before the full ones are forgotten.
-const MAX_RATE_BUCKETS: usize = 10_000;
+/// The devices' rate-limit buckets.
+#[derive(Debug, Default)]
+struct RateBuckets {
+    by_device: HashMap<String, Arc<Mutex<RateBucket>>>,
+    /// Size at which the idle, full-again buckets are next looked for and forgotten: twice the
+    /// size left by the last look (at least [`MIN_PRUNE_AT`]), so the scans cost O(1) per new
+    /// bucket however many devices are connected.
+    prune_at: usize,
+}
+
+/// Buckets kept before the first look for forgettable ones.
+const MIN_PRUNE_AT: usize = 10_000;
 
 /// A token bucket: `rate` tokens per second, at most `burst`.
 #[derive(Debug)]
@@ -152,7 +162,7 @@ impl Shared {
             rate_limit,
             draining: AtomicBool::new(false),
             trace_sampler,
-            rate_buckets: Mutex::new(HashMap::new()),
+            rate_buckets: Mutex::new(RateBuckets::default()),
         }
     }
 
@@ -165,17 +175,19 @@ impl Shared {
             .rate_buckets
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if buckets.len() >= MAX_RATE_BUCKETS && !buckets.contains_key(device) {
+        if buckets.by_device.len() >= buckets.prune_at.max(MIN_PRUNE_AT) {
             // Forget the idle ones that are full again (no different from fresh ones).
-            buckets.retain(|_, bucket| {
+            buckets.by_device.retain(|_, bucket| {
                 Arc::strong_count(bucket) > 1
                     || !bucket
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .full_by(now, rate, burst)
             });
+            buckets.prune_at = buckets.by_device.len() * 2;
         }
         buckets
+            .by_device
             .entry(device.to_owned())
             .or_insert_with(|| {
                 Arc::new(Mutex::new(RateBucket {
@@ -195,7 +207,7 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         drop(bucket);
-        let forget = buckets.get(device).is_some_and(|kept| {
+        let forget = buckets.by_device.get(device).is_some_and(|kept| {
             Arc::strong_count(kept) == 1
                 && kept.lock().unwrap_or_else(PoisonError::into_inner).full_by(
                     Instant::now(),
@@ -204,7 +216,7 @@ impl Shared {
                 )
         });
         if forget {
-            buckets.remove(device);
+            buckets.by_device.remove(device);
         }
     }
 
@@ -355,6 +367,10 @@ mod tests {
     use liftwire_proto::naming::{BuildingId, DeviceId};
 
     fn shared() -> Shared {
+        shared_with_rate_limit((1.0, 1.0))
+    }
+
+    fn shared_with_rate_limit(rate_limit: (f64, f64)) -> Shared {
         let (uplink, _) = mpsc::channel(1);
         let (subscribed, _) = mpsc::channel(1);
         Shared::new(
@@ -362,9 +378,46 @@ mod tests {
             Arc::new(PresenceBoard::new("gw-test".into())),
             subscribed,
             Metrics::register(&mut prometheus_client::registry::Registry::default()),
-            (1.0, 1.0),
+            rate_limit,
             HeadSampler::new(1.0),
         )
+    }
+
+    #[test]
+    fn a_devices_connections_share_one_bucket_kept_until_full_again() {
+        // One token, and a refill no test run waits for.
+        let shared = shared_with_rate_limit((0.001, 1.0));
+        let take = |bucket: &Arc<Mutex<RateBucket>>| bucket.lock().unwrap().take(0.001, 1.0);
+        let kept = |device: &str| {
+            shared
+                .rate_buckets
+                .lock()
+                .unwrap()
+                .by_device
+                .contains_key(device)
+        };
+        let old = shared.rate_bucket("d");
+        let new = shared.rate_bucket("d");
+        assert!(
+            Arc::ptr_eq(&old, &new),
+            "a takeover shares the old connection's"
+        );
+        assert!(take(&old));
+        assert!(
+            !take(&new),
+            "the burst is the device's, not each connection's"
+        );
+        shared.release_rate_bucket("d", old);
+        shared.release_rate_bucket("d", new);
+        assert!(kept("d"), "not full again: kept for the next connection");
+        assert!(
+            !take(&shared.rate_bucket("d")),
+            "reconnecting buys no fresh burst"
+        );
+        // A bucket full again is like a fresh one: forgotten with its last connection.
+        let idle = shared.rate_bucket("e");
+        shared.release_rate_bucket("e", idle);
+        assert!(!kept("e"));
     }
 
     fn login() -> Login {

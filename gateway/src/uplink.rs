@@ -86,6 +86,9 @@ pub struct Accepted {
     pub seq: u64,
     /// What is wrong with its content, if anything (counted; judged by the consumers).
     pub flaw: Option<Rejection>,
+    /// Whether the gateway may act on its body (answer an upload request): its kind is the
+    /// topic's and no text holds a NUL. An implausible clock alone does not stop that.
+    pub actionable: bool,
 }
 
 /// Longest part of a device's own text quoted in a dead letter or a log line.
@@ -135,6 +138,8 @@ pub fn validate(
     Ok(Accepted {
         seq: envelope.seq,
         flaw: flaw(&envelope, incoming.uplink.kind, now),
+        actionable: envelope.kind() == Some(incoming.uplink.kind)
+            && nul_in_text(&envelope).is_none(),
     })
 }
 
@@ -179,9 +184,8 @@ pub struct BridgeSettings {
 struct Pending {
     incoming: Incoming,
     seq: u64,
-    /// Its body cannot be acted on here (a kind mismatch, a NUL in a text field): bridged, but
-    /// not answered (an implausible clock alone does not stop an upload grant).
-    flawed: bool,
+    /// [`Accepted::actionable`]: else bridged, but not answered.
+    actionable: bool,
     attempt: u32,
 }
 
@@ -230,7 +234,7 @@ pub async fn run(
                         } else {
                             metrics.uplink_messages.get_or_create(&Kind { kind: pending.incoming.uplink.kind.as_str() }).inc();
                         }
-                        if pending.incoming.uplink.kind == UplinkKind::UploadRequest && !pending.flawed {
+                        if pending.incoming.uplink.kind == UplinkKind::UploadRequest && pending.actionable {
                             answer_upload(&settings, &pending).await;
                         }
                     }
@@ -262,13 +266,12 @@ pub async fn run(
                     let mut next = Some(incoming);
                     while let Some(incoming) = next.take() {
                         match validate(&incoming, settings.max_payload, SystemTime::now()) {
-                            Ok(Accepted { seq, flaw }) => {
+                            Ok(Accepted { seq, flaw, actionable }) => {
                                 if let Some(flaw) = &flaw {
                                     metrics.uplink_flaws.get_or_create(&Reason { reason: flaw.reason() }).inc();
                                     tracing::debug!(parent: &incoming.span, device = %incoming.identity.device, seq, reason = flaw.reason(), error = %flaw, "bridging a message with flawed content");
                                 }
-                                let flawed = flaw.as_ref().is_some_and(|flaw| !matches!(flaw, Rejection::Timestamp(_)));
-                                in_flight.push(publish(&js, Pending { incoming, seq, flawed, attempt: 0 }));
+                                in_flight.push(publish(&js, Pending { incoming, seq, actionable, attempt: 0 }));
                             }
                             Err(rejection) => letters.push(dead_letter(&js, &dead_letters, &metrics, incoming, rejection)),
                         }
@@ -456,6 +459,27 @@ mod tests {
             Some("timestamp"),
             "two days ahead"
         );
+    }
+
+    #[test]
+    fn only_a_body_of_the_topics_kind_without_nul_is_acted_on_whatever_the_clock() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let actionable = |envelope: &v1::Envelope| {
+            validate(&incoming(envelope.encode_to_vec()), 1024, now)
+                .unwrap()
+                .actionable
+        };
+        let mut envelope = v1::Envelope::decode(envelope(None).as_slice()).unwrap();
+        assert!(actionable(&envelope), "a dead clock alone");
+        envelope.body = Some(v1::envelope::Body::Event(v1::Event {
+            kind: Some(v1::event::Kind::AlarmSelfTest(v1::AlarmSelfTest {
+                detail: "relay\0stuck".into(),
+                ..Default::default()
+            })),
+        }));
+        assert!(!actionable(&envelope), "a NUL behind a dead clock");
+        envelope.body = Some(v1::envelope::Body::Telemetry(v1::Telemetry::default()));
+        assert!(!actionable(&envelope), "a body of another kind");
     }
 
     #[test]

@@ -1738,6 +1738,13 @@ async fn a_device_sending_garbage_while_dead_letters_go_unanswered_holds_up_nobo
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Stored before the first dead letter gave up, not just after the last poll.
+    assert!(
+        gw.metrics()
+            .lines()
+            .any(|line| line == "liftwire_gateway_dead_letter_failures_total 0"),
+        "the good device's message waited behind the dead letters"
+    );
     // The unanswered dead letters time out and are counted.
     let deadline = tokio::time::Instant::now() + WAIT;
     while !gw
