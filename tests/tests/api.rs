@@ -13,13 +13,12 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::Utc;
 use common::sim::{elevator, ingested, publish, simulate, HOUR, MINUTE};
-use common::{eventually, gateway, registry_database, telemetry};
+use common::{eventually, stack, Stack};
 use liftwire_api::auth::{mint, AuthConfig, Authenticator, Role};
 use liftwire_api::{serve_http, AppState};
 use liftwire_firmware_sim::Incident;
 use liftwire_proto::naming::{uplink_msg_id, BuildingId, DeviceId, Uplink, UplinkKind};
 use liftwire_proto::{v1, Message, SCHEMA_VERSION};
-use liftwire_testkit::{Nats, Postgres};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -87,11 +86,14 @@ fn token(role: Role, buildings: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_route_is_scoped_validated_and_paginated() {
-    let nats = Nats::start().unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let registry_url = registry_database(&pg).await;
-    let (pool, telemetry) = telemetry(&nats, &pg).await;
-    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
+    let Stack {
+        nats,
+        pg: _pg,
+        pool,
+        ingest: telemetry,
+        gw,
+        ..
+    } = stack().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = Http {
         base: format!("http://{}", listener.local_addr().unwrap()),

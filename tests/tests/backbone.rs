@@ -8,15 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    assert_every_sequence_once, eventually, gateway, registry_database, sim_settings, stored,
-    telemetry,
-};
+use common::{assert_every_sequence_once, eventually, gateway, sim_settings, stack, stored, Stack};
 use liftwire_firmware_sim::device::RunSettings;
 use liftwire_firmware_sim::outbox::Outbox;
 use liftwire_firmware_sim::run::run_fleet;
 use liftwire_firmware_sim::{FleetConfig, TrafficProfile};
-use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
 fn fleet_task(
@@ -104,11 +100,14 @@ fn fleet(seed: u64, elevators: u32) -> FleetConfig {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn simulated_devices_lose_nothing_across_gateway_and_simulator_restarts() {
-    let nats = Nats::start().unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let registry_url = registry_database(&pg).await;
-    let (pool, ingest) = telemetry(&nats, &pg).await;
-    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
+    let Stack {
+        nats,
+        pg: _pg,
+        registry_url,
+        pool,
+        ingest,
+        gw,
+    } = stack().await;
     let addr = gw.addr;
 
     let data_dir = tempfile::tempdir().unwrap();
@@ -138,11 +137,14 @@ async fn simulated_devices_lose_nothing_across_gateway_and_simulator_restarts() 
 async fn a_device_whose_numbering_restarts_continues_above_its_watermark() {
     // A controller board replaced, or its flash wiped: the device numbers from 1 again while
     // the backend holds its earlier numbers. Its new messages must not be taken for duplicates.
-    let nats = Nats::start().unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let registry_url = registry_database(&pg).await;
-    let (pool, ingest) = telemetry(&nats, &pg).await;
-    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
+    let Stack {
+        nats: _nats,
+        pg: _pg,
+        registry_url,
+        pool,
+        ingest,
+        gw,
+    } = stack().await;
     let data_dir = tempfile::tempdir().unwrap();
     let settings = sim_settings(gw.addr, data_dir.path(), 60.0);
     let (stop, run) = fleet_task(fleet(12, 1), settings.clone(), Some(registry_url.clone()));
@@ -171,11 +173,14 @@ async fn a_device_whose_numbering_restarts_continues_above_its_watermark() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nats_restart_loses_nothing_from_qos1_devices() {
-    let mut nats = Nats::start().unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let registry_url = registry_database(&pg).await;
-    let (pool, ingest) = telemetry(&nats, &pg).await;
-    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
+    let Stack {
+        mut nats,
+        pg: _pg,
+        registry_url,
+        pool,
+        ingest,
+        gw,
+    } = stack().await;
 
     let data_dir = tempfile::tempdir().unwrap();
     let settings = sim_settings(gw.addr, data_dir.path(), 60.0);

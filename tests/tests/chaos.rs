@@ -9,26 +9,25 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use common::{
-    assert_every_sequence_once, eventually, gateway, registry_database, sim_settings, stored,
-    telemetry,
-};
+use common::{assert_every_sequence_once, eventually, sim_settings, stack, stored, Stack};
 use futures::StreamExt;
 use liftwire_firmware_sim::device::{Chaos, RunSettings, Target};
 use liftwire_firmware_sim::run::run_fleet_with_chaos;
 use liftwire_firmware_sim::{FleetConfig, Scenario, TrafficProfile};
 use liftwire_proto::naming::{DeviceId, DEAD_LETTER_STREAM};
 use liftwire_proto::{v1, Message};
-use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn partition_misbehaviour_and_connect_storm_lose_nothing() {
-    let nats = Nats::start().unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let registry_url = registry_database(&pg).await;
-    let (pool, ingest) = telemetry(&nats, &pg).await;
-    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
+    let Stack {
+        nats,
+        pg: _pg,
+        registry_url,
+        pool,
+        ingest,
+        gw,
+    } = stack().await;
     let client = nats.client().await.unwrap();
     let mut presence = client
         .subscribe("lw.v1.presence.sim-b01.sim-b01-e01")

@@ -9,11 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, gateway, registry_database, telemetry};
-use liftwire_gateway::acl::DeviceKind;
-use liftwire_proto::naming::{BuildingId, DeviceId};
+use common::{eventually, mqtt_elevator, stack, Stack};
 use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
-use liftwire_testkit::{Nats, Postgres};
 
 fn envelope(seq: u64, device_time: Option<i64>, kind: v1::event::Kind) -> Vec<u8> {
     v1::Envelope {
@@ -28,24 +25,15 @@ fn envelope(seq: u64, device_time: Option<i64>, kind: v1::event::Kind) -> Vec<u8
 
 #[tokio::test(flavor = "multi_thread")]
 async fn flawed_messages_keep_their_place_and_the_watermark_passes_them() {
-    let nats = Nats::start().unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let registry_url = registry_database(&pg).await;
-    let (pool, ingest) = telemetry(&nats, &pg).await;
-    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
-    let secret = gw
-        .registry
-        .provision(
-            &BuildingId::new("b1").unwrap(),
-            &DeviceId::new("elev-1").unwrap(),
-            DeviceKind::Elevator,
-        )
-        .await
-        .unwrap();
-    let mut options = rumqttc::MqttOptions::new("elev-1", gw.addr.ip().to_string(), gw.addr.port());
-    options.set_credentials("elev-1", secret);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 8);
-    let mqtt = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let Stack {
+        nats: _nats,
+        pg: _pg,
+        pool,
+        ingest,
+        gw,
+        ..
+    } = stack().await;
+    let (client, mqtt) = mqtt_elevator(&gw, "b1", "elev-1").await;
 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -7,14 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, gateway, registry_database, telemetry};
+use common::{eventually, stack, Stack};
 use liftwire_api::auth::{mint, AuthConfig, Authenticator, Role};
 use liftwire_api::live::BuildingLive;
 use liftwire_api::{serve_http, AppState};
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_proto::naming::{BuildingId, DeviceId};
 use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
-use liftwire_testkit::{Nats, Postgres};
 use tokio_util::sync::CancellationToken;
 
 fn envelope(seq: u64, body: v1::envelope::Body) -> Vec<u8> {
@@ -33,12 +32,15 @@ fn envelope(seq: u64, body: v1::envelope::Body) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_manager_sees_the_live_state_of_their_building_only() {
-    let nats = Nats::start().unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let registry_url = registry_database(&pg).await;
-    let (_pool, ingest) = telemetry(&nats, &pg).await;
+    let Stack {
+        nats,
+        pg: _pg,
+        pool: _pool,
+        ingest,
+        gw,
+        ..
+    } = stack().await;
     let stop = CancellationToken::new();
-    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
     let secret = gw
         .registry
         .provision(

@@ -9,11 +9,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{gateway, registry_database, telemetry};
-use liftwire_gateway::acl::DeviceKind;
-use liftwire_proto::naming::{BuildingId, DeviceId};
+use common::{mqtt_elevator, stack, Stack};
 use liftwire_proto::{v1, Message, Timestamp, SCHEMA_VERSION};
-use liftwire_testkit::{Nats, Postgres};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
@@ -42,26 +39,14 @@ async fn a_device_message_is_one_trace_from_gateway_to_telemetry() {
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).unwrap();
 
-    let nats = Nats::start().unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let registry_url = registry_database(&pg).await;
-    let (_pool, ingest) = telemetry(&nats, &pg).await;
-    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
-    let addr = gw.addr;
-    let secret = gw
-        .registry
-        .provision(
-            &BuildingId::new("b1").unwrap(),
-            &DeviceId::new("elev-1").unwrap(),
-            DeviceKind::Elevator,
-        )
-        .await
-        .unwrap();
-
-    let mut options = rumqttc::MqttOptions::new("elev-1", addr.ip().to_string(), addr.port());
-    options.set_credentials("elev-1", secret);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 8);
-    let mqtt = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let Stack {
+        nats,
+        pg: _pg,
+        ingest,
+        gw,
+        ..
+    } = stack().await;
+    let (client, mqtt) = mqtt_elevator(&gw, "b1", "elev-1").await;
     let envelope = v1::Envelope {
         schema_version: SCHEMA_VERSION,
         device_id: "elev-1".into(),

@@ -86,6 +86,58 @@ pub async fn gateway(nats: &Nats, registry_url: &str, listen: SocketAddr) -> Run
     }
 }
 
+/// The backbone's servers (nats-server, PostgreSQL) with the telemetry service and a gateway on
+/// a free port. Keep `nats` and `pg` bound (`nats: _nats`, not `..`): dropped, they stop.
+pub struct Stack {
+    pub nats: Nats,
+    pub pg: Postgres,
+    pub registry_url: String,
+    /// Telemetry's database.
+    pub pool: sqlx::PgPool,
+    /// The telemetry service.
+    pub ingest: Running,
+    pub gw: RunningGateway,
+}
+
+pub async fn stack() -> Stack {
+    let nats = Nats::start().unwrap();
+    let pg = Postgres::start().await.unwrap();
+    let registry_url = registry_database(&pg).await;
+    let (pool, ingest) = telemetry(&nats, &pg).await;
+    let gw = gateway(&nats, &registry_url, "127.0.0.1:0".parse().unwrap()).await;
+    Stack {
+        nats,
+        pg,
+        registry_url,
+        pool,
+        ingest,
+        gw,
+    }
+}
+
+/// Provisions elevator `device` of `building` and connects it to `gw` with rumqttc; returns the
+/// client and its event loop's task (it ends with the connection).
+pub async fn mqtt_elevator(
+    gw: &RunningGateway,
+    building: &str,
+    device: &str,
+) -> (rumqttc::AsyncClient, tokio::task::JoinHandle<()>) {
+    let secret = gw
+        .registry
+        .provision(
+            &liftwire_proto::naming::BuildingId::new(building).unwrap(),
+            &liftwire_proto::naming::DeviceId::new(device).unwrap(),
+            liftwire_gateway::acl::DeviceKind::Elevator,
+        )
+        .await
+        .unwrap();
+    let mut options = rumqttc::MqttOptions::new(device, gw.addr.ip().to_string(), gw.addr.port());
+    options.set_credentials(device, secret);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 8);
+    let task = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    (client, task)
+}
+
 /// A migrated registry database on `pg`; returns its URL.
 pub async fn registry_database(pg: &Postgres) -> String {
     let url = pg.create_database("registry").await.unwrap();
