@@ -639,9 +639,23 @@ impl Ingest {
                         self.acknowledge(&committed.pending).await;
                     }
                 }
-                Err(e) => {
+                Err(store::WriteError {
+                    error: e,
+                    committed,
+                }) => {
                     if store::is_missing_partition(&e) {
                         self.partitions.forget();
+                    }
+                    // Part of the batch committed before the rest failed: announce it (its
+                    // messages come back as duplicates), acknowledging nothing.
+                    if committed.inserted > 0 {
+                        self.metrics.unstorable.inc_by(committed.unstorable);
+                        let _ = to_acknowledge
+                            .send(Committed {
+                                pending: Vec::new(),
+                                outcome: committed,
+                            })
+                            .await;
                     }
                     self.database_ready.set(false);
                     self.metrics.database_errors.inc();

@@ -134,7 +134,7 @@ pub async fn write_batch(
     pool: &sqlx::PgPool,
     rows: Vec<Row>,
     rules: &FoldRules,
-) -> Result<Outcome, sqlx::Error> {
+) -> Result<Outcome, WriteError> {
     // Sorted by reference: a row is a few hundred bytes.
     let mut rows: Vec<&Row> = rows.iter().collect();
     rows.sort_by(|a, b| (&a.device, a.seq).cmp(&(&b.device, b.seq)));
@@ -144,7 +144,29 @@ pub async fn write_batch(
             tracing::warn!(error = %e, "PostgreSQL refused a value of the batch; writing it device by device");
             isolate(pool, &rows, rules).await
         }
-        written => written,
+        written => Ok(written?),
+    }
+}
+
+/// A batch that failed, with what part of it was committed before (when it was written device
+/// by device): that part must still be announced, its messages being duplicates when the batch
+/// is delivered again.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct WriteError {
+    /// Why the rest failed.
+    #[source]
+    pub error: sqlx::Error,
+    /// What was committed before it failed.
+    pub committed: Outcome,
+}
+
+impl From<sqlx::Error> for WriteError {
+    fn from(error: sqlx::Error) -> Self {
+        Self {
+            error,
+            committed: Outcome::default(),
+        }
     }
 }
 
@@ -171,8 +193,24 @@ async fn isolate(
     pool: &sqlx::PgPool,
     rows: &[&Row],
     rules: &FoldRules,
-) -> Result<Outcome, sqlx::Error> {
+) -> Result<Outcome, WriteError> {
     let mut outcome = Outcome::default();
+    match isolate_into(pool, rows, rules, &mut outcome).await {
+        Ok(()) => Ok(outcome),
+        Err(error) => Err(WriteError {
+            error,
+            committed: outcome,
+        }),
+    }
+}
+
+/// [`isolate`], adding each commit's outcome to `outcome` as it is made.
+async fn isolate_into(
+    pool: &sqlx::PgPool,
+    rows: &[&Row],
+    rules: &FoldRules,
+    outcome: &mut Outcome,
+) -> Result<(), sqlx::Error> {
     for device in rows.chunk_by(|a, b| a.device == b.device) {
         match write_rows(pool, device, rules).await {
             Err(e) if is_refused_value(&e) => {
@@ -198,7 +236,7 @@ async fn isolate(
             written => outcome.merge(written?),
         }
     }
-    Ok(outcome)
+    Ok(())
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {

@@ -1145,6 +1145,45 @@ async fn a_value_postgresql_refuses_holds_up_neither_its_device_nor_the_batch() 
             ("elev-8".to_owned(), 1, "telemetry".to_owned(), Some(4)),
         ]
     );
+
+    // Written device by device, a batch can fail part-way (here a device whose rows always
+    // fail, as in an outage): what committed before comes back with the error, to be announced.
+    store::write_batch(
+        &pool,
+        vec![telemetry("elev-9", 1, 6)],
+        &FoldRules::default(),
+    )
+    .await
+    .unwrap();
+    for statement in [
+        "CREATE FUNCTION fail_elev_9() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'elev-9 is unreachable'; END $$",
+        "CREATE TRIGGER fail_elev_9 BEFORE UPDATE ON device_watermarks
+           FOR EACH ROW WHEN (NEW.device_id = 'elev-9') EXECUTE FUNCTION fail_elev_9()",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let rows = vec![
+        telemetry("elev-7", 3, 13),
+        telemetry("elev-8", 2, 5),
+        telemetry("elev-9", 2, 6),
+    ];
+    let failed = store::write_batch(&pool, rows, &FoldRules::default())
+        .await
+        .expect_err("elev-9 fails");
+    let mut committed: Vec<(String, i64)> = failed
+        .committed
+        .advanced
+        .iter()
+        .map(|a| (a.device_id.clone(), a.persisted_seq))
+        .collect();
+    committed.sort();
+    assert_eq!(
+        committed,
+        [("elev-7".to_owned(), 3), ("elev-8".to_owned(), 2)],
+        "{failed}"
+    );
+    assert_eq!(failed.committed.unstorable, 1);
 }
 
 async fn alert_states(pool: &sqlx::PgPool, device: &str) -> Vec<(String, String)> {
