@@ -222,7 +222,13 @@ async fn browsers_speak_mqtt_over_websocket() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(reply.into_data().as_ref(), mqtt::CONNACK_ACCEPTED);
+    // On failure, the metrics say why (a refused login, a refused packet, a handshake).
+    assert_eq!(
+        reply.into_data().as_ref(),
+        mqtt::CONNACK_ACCEPTED,
+        "{}",
+        gw.metrics()
+    );
     assert!(gw.metrics().contains("liftwire_gateway_connections 1"));
     gw.stop().await;
 }
