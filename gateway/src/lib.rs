@@ -194,12 +194,18 @@ fn start_later<P: rumqttd::protocol::Protocol + Clone + Send + Sync + 'static>(
     (addr, Box::new(start))
 }
 
-/// Resolves port 0 to a concrete free port: rumqttd binds by itself and does not report it.
-fn concrete(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    std::net::TcpListener::bind(addr)?.local_addr()
+/// A broker listener bound on `addr` now (port 0: a free port), handed to rumqttd (patch 8). Bound
+/// here and not by rumqttd when it starts, so no other process can take a port picked free in
+/// between; the backlog is tokio's own (1,024), for connect storms.
+fn broker_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// The running gateway.
@@ -410,7 +416,8 @@ impl Service for Gateway {
                 .map_err(|e| e.to_string())
         });
 
-        let mqtt_addr = concrete(config.mqtt.listen)?;
+        let v4_listener = broker_listener(config.mqtt.listen)?;
+        let mqtt_addr = v4_listener.local_addr()?;
         let settings = |name: &str, addr| {
             server_settings(
                 name,
@@ -425,17 +432,20 @@ impl Service for Gateway {
             settings("v4", mqtt_addr),
             router_sender.clone(),
             Guard::new(V4, shared.clone(), true),
-        );
+        )
+        .with_listener(v4_listener);
         let mut servers = vec![start_later(mqtt_addr, "MQTT 3.1.1", v4)];
         let mut mqtt_v5_addr = None;
         if let Some(listen) = config.mqtt.listen_v5 {
-            let addr = concrete(listen)?;
+            let listener = broker_listener(listen)?;
+            let addr = listener.local_addr()?;
             mqtt_v5_addr = Some(addr);
             let v5 = Server::new(
                 settings("v5", addr),
                 router_sender.clone(),
                 Guard::new(V5, shared.clone(), false),
-            );
+            )
+            .with_listener(listener);
             servers.push(start_later(addr, "MQTT 5", v5));
         }
         let tls = match &config.mqtt.tls {

@@ -349,6 +349,9 @@ pub struct Server<P> {
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    /// liftwire patch: a listener bound by the embedder, accepted on instead of binding
+    /// `config.listen` at start.
+    listener: Option<TcpListener>,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -362,7 +365,16 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            listener: None,
         }
+    }
+
+    /// liftwire patch: accept on `listener` (already bound and listening) instead of binding
+    /// `config.listen` when started. An embedder that wants a free port binds port 0 itself and
+    /// hands the listener over, leaving no moment in which another process could take the port.
+    pub fn with_listener(mut self, listener: TcpListener) -> Self {
+        self.listener = Some(listener);
+        self
     }
 
     // Depending on TLS or not create a new Network
@@ -380,7 +392,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        let listener = match self.listener.take() {
+            Some(listener) => listener,
+            None => TcpListener::bind(&self.config.listen).await?,
+        };
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
