@@ -32,6 +32,23 @@ fn fleet_task(
     (stop, task)
 }
 
+/// Starts `fleet` and waits (at most `within`) until telemetry has stored `at_least` messages.
+async fn fleet_storing(
+    fleet: FleetConfig,
+    settings: &RunSettings,
+    registry_url: &str,
+    pool: &sqlx::PgPool,
+    at_least: i64,
+    within: Duration,
+) -> (CancellationToken, tokio::task::JoinHandle<Vec<Outbox>>) {
+    let running = fleet_task(fleet, settings.clone(), Some(registry_url.to_owned()));
+    eventually(&format!("{at_least} messages stored"), within, || async {
+        stored(pool).await >= at_least
+    })
+    .await;
+    running
+}
+
 /// Stops the fleet, restarts it with time frozen (it only resends what is unconfirmed), and
 /// waits until everything it produced is stored and confirmed.
 async fn drain(
@@ -112,11 +129,13 @@ async fn simulated_devices_lose_nothing_across_gateway_and_simulator_restarts() 
 
     let data_dir = tempfile::tempdir().unwrap();
     let settings = sim_settings(addr, data_dir.path(), 60.0);
-    let (stop, run) = fleet_task(fleet(11, 3), settings.clone(), Some(registry_url.clone()));
-    eventually(
-        "messages reach telemetry",
+    let (stop, run) = fleet_storing(
+        fleet(11, 3),
+        &settings,
+        &registry_url,
+        &pool,
+        30,
         Duration::from_secs(30),
-        || async { stored(&pool).await >= 30 },
     )
     .await;
 
@@ -147,22 +166,26 @@ async fn a_device_whose_numbering_restarts_continues_above_its_watermark() {
     } = stack().await;
     let data_dir = tempfile::tempdir().unwrap();
     let settings = sim_settings(gw.addr, data_dir.path(), 60.0);
-    let (stop, run) = fleet_task(fleet(12, 1), settings.clone(), Some(registry_url.clone()));
-    eventually(
-        "messages reach telemetry",
+    let (stop, run) = fleet_storing(
+        fleet(12, 1),
+        &settings,
+        &registry_url,
+        &pool,
+        45,
         Duration::from_secs(60),
-        || async { stored(&pool).await >= 45 },
     )
     .await;
     drain(fleet(12, 1), settings.clone(), stop, run, &pool).await;
     let before = stored(&pool).await;
 
     std::fs::remove_dir_all(data_dir.path().join("outbox")).unwrap();
-    let (stop, run) = fleet_task(fleet(12, 1), settings.clone(), Some(registry_url.clone()));
-    eventually(
-        "new messages stored above the old numbers",
+    let (stop, run) = fleet_storing(
+        fleet(12, 1),
+        &settings,
+        &registry_url,
+        &pool,
+        before + 20,
         Duration::from_secs(60),
-        || async { stored(&pool).await >= before + 20 },
     )
     .await;
     drain(fleet(12, 1), settings, stop, run, &pool).await;
@@ -184,11 +207,13 @@ async fn a_nats_restart_loses_nothing_from_qos1_devices() {
 
     let data_dir = tempfile::tempdir().unwrap();
     let settings = sim_settings(gw.addr, data_dir.path(), 60.0);
-    let (stop, run) = fleet_task(fleet(5, 2), settings.clone(), Some(registry_url.clone()));
-    eventually(
-        "messages reach telemetry",
+    let (stop, run) = fleet_storing(
+        fleet(5, 2),
+        &settings,
+        &registry_url,
+        &pool,
+        20,
         Duration::from_secs(30),
-        || async { stored(&pool).await >= 20 },
     )
     .await;
 
