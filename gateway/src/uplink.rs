@@ -135,33 +135,36 @@ pub fn validate(
     if envelope.seq == 0 {
         return Err(Rejection::ZeroSequence);
     }
+    // Each check once: the text walk is on every message's path.
+    let body = envelope.kind();
+    let nul = nul_in_text(&envelope);
+    let topic = incoming.uplink.kind;
+    let flaw = if body != Some(topic) {
+        Some(Rejection::KindMismatch {
+            body: body.map(|k| k.as_str()),
+            topic: topic.as_str(),
+        })
+    } else if !plausible_clock(envelope.device_time.as_ref(), now) {
+        Some(Rejection::Timestamp(format!("{:?}", envelope.device_time)))
+    } else {
+        nul.map(Rejection::NulInText)
+    };
     Ok(Accepted {
         seq: envelope.seq,
-        flaw: flaw(&envelope, incoming.uplink.kind, now),
-        actionable: envelope.kind() == Some(incoming.uplink.kind)
-            && nul_in_text(&envelope).is_none(),
+        flaw,
+        actionable: body == Some(topic) && nul.is_none(),
     })
 }
 
-/// The first flaw of a trusted envelope's content, if any.
-fn flaw(envelope: &v1::Envelope, topic: UplinkKind, now: SystemTime) -> Option<Rejection> {
-    let body = envelope.kind();
-    if body != Some(topic) {
-        return Some(Rejection::KindMismatch {
-            body: body.map(|k| k.as_str()),
-            topic: topic.as_str(),
-        });
-    }
+/// Whether a device time is set (after [`EARLIEST_DEVICE_TIME`]) and at most
+/// [`MAX_CLOCK_AHEAD`] ahead of `now`.
+fn plausible_clock(device_time: Option<&liftwire_proto::Timestamp>, now: SystemTime) -> bool {
     let now_s = now
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    match envelope.device_time {
-        Some(t)
-            if t.seconds >= EARLIEST_DEVICE_TIME
-                && t.seconds <= now_s + MAX_CLOCK_AHEAD.as_secs() as i64 => {}
-        other => return Some(Rejection::Timestamp(format!("{other:?}"))),
-    }
-    nul_in_text(envelope).map(Rejection::NulInText)
+    device_time.is_some_and(|t| {
+        t.seconds >= EARLIEST_DEVICE_TIME && t.seconds <= now_s + MAX_CLOCK_AHEAD.as_secs() as i64
+    })
 }
 
 /// Bridge settings.
