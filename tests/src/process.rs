@@ -2,10 +2,12 @@
 
 #![allow(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::{io, Error, Result};
@@ -28,14 +30,63 @@ pub fn find_binary(binary: &'static str, extra_dirs: &[PathBuf]) -> Result<PathB
         })
 }
 
-/// A free TCP port on 127.0.0.1 (the kernel picks it; we release it for the server to take).
+/// Ports [`free_port`] has handed out in this process.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A free TCP port on 127.0.0.1 (the kernel picks it; we release it for the server to take),
+/// never one handed out before in this process: a server a test stops and restarts on its port
+/// keeps it free of the other tests' servers in between.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))?;
-    let port = listener
-        .local_addr()
-        .map_err(io("reading the free port"))?
-        .port();
-    Ok(port)
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    // Listeners on ports already handed out stay bound until we have a new one, so that the
+    // kernel does not pick them again.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(io("binding a free port"))?;
+        let port = listener
+            .local_addr()
+            .map_err(io("reading the free port"))?
+            .port();
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+        held.push(listener);
+    }
+    Err(Error::Client {
+        what: "finding a free port",
+        detail: format!(
+            "64 ports in a row had been handed out already ({} in all)",
+            handed_out.len()
+        ),
+    })
+}
+
+/// Whether `pid` holds the socket listening on `addr`. `None` when this cannot tell: `addr` is
+/// not 127.0.0.1 (where every test server listens) or `/proc` is not readable.
+fn listens_on(pid: u32, addr: SocketAddr) -> Option<bool> {
+    if addr.ip() != std::net::Ipv4Addr::LOCALHOST {
+        return None;
+    }
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let wanted = format!("0100007F:{:04X}", addr.port());
+    // Columns: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode.
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            (columns.len() > 9 && columns[1] == wanted && columns[3] == "0A")
+                .then(|| format!("socket:[{}]", columns[9]))
+        })
+        .collect();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            inodes
+                .iter()
+                .any(|inode| target.as_os_str() == inode.as_str())
+        })
+    }))
 }
 
 /// A server child process, killed (and reaped) on drop.
@@ -139,7 +190,9 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Waits until `addr` accepts TCP connections, the process dies, or `timeout` passes.
+/// Waits until `process` accepts TCP connections on `addr`, dies, or `timeout` passes. A
+/// connection accepted by another process (one that took the port first) does not count: the
+/// server then fails to bind and exits, and the error says so.
 pub fn wait_for_port(
     server: &'static str,
     process: &mut ServerProcess,
@@ -149,7 +202,13 @@ pub fn wait_for_port(
     let deadline = Instant::now() + timeout;
     loop {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
+            let ours = process
+                .id()
+                .and_then(|pid| listens_on(pid, addr))
+                .unwrap_or(true);
+            if ours {
+                return Ok(());
+            }
         }
         if process.exited() || Instant::now() > deadline {
             return Err(Error::NotReady {
