@@ -34,6 +34,13 @@
 //! 1,000 idle connections, and a connect/disconnect storm: `--storm` (default 1000) QoS 1 clients
 //! connect at once and subscribe to their downlink, all disconnect at once, then all reconnect at
 //! once; failures and the time until every client is back are reported.
+//!
+//! Last, what the throughput target (durable QoS 1 at twice native's) leaves per message: the
+//! SUT cores' time divided by twice native's best QoS 1 rate, next to what nats-server alone
+//! spends storing a message the way the gateway stores it (a fresh nats-server on the SUT cores,
+//! one pipelined publisher on the load cores, `LW_UPLINK`'s settings and the gateway's headers:
+//! the most it could store if the gateway cost nothing), and each system's CPU per message at
+//! its highest QoS 1 rate held.
 
 // A failed setup (server start, provisioning) aborts the benchmark: panicking is the intended
 // failure mode here.
@@ -51,7 +58,8 @@ use futures::StreamExt;
 use liftwire_firmware_sim::load::{self, LoadConfig, LoadReport, Observe, Observer, Publisher};
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_gateway::registry::{self, Registry};
-use liftwire_proto::naming::{BuildingId, DeviceId};
+use liftwire_proto::naming::{uplink_msg_id, BuildingId, DeviceId, Uplink, UPLINK_STREAM};
+use liftwire_runtime::observability::inject_unsampled_trace_context;
 use liftwire_testkit::process::{find_binary, free_port, wait_for_port, ServerProcess};
 use liftwire_testkit::Postgres;
 use rumqttc::{
@@ -79,6 +87,10 @@ const HELD_P99_MS: f64 = 500.0;
 const WARMUP: Duration = Duration::from_secs(1);
 /// Messages in the raw pub→sub blast.
 const BLAST_MESSAGES: u64 = 1_000_000;
+/// Messages in the JetStream store ceiling run.
+const CEILING_MESSAGES: u64 = 200_000;
+/// Publishes awaiting their JetStream ack at once in the store ceiling run.
+const CEILING_WINDOW: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum System {
@@ -290,6 +302,8 @@ fn version(binary: &Path, flag: &str) -> String {
 /// A running system under test.
 struct Sut {
     processes: Vec<ServerProcess>,
+    /// What each of `processes` is, in the same order.
+    names: Vec<&'static str>,
     publisher: Publisher,
     observers: Vec<Observer>,
     /// The MQTT listener devices connect to (none for raw NATS).
@@ -305,11 +319,16 @@ impl Sut {
             .collect()
     }
 
-    fn cpu(&self) -> f64 {
-        self.pids()
-            .into_iter()
-            .filter_map(|pid| load::cpu_seconds(&pid.to_string()))
-            .sum()
+    /// CPU seconds used so far by each process, in the order of `processes`.
+    fn cpu(&self) -> Vec<f64> {
+        self.processes
+            .iter()
+            .map(|p| {
+                p.id()
+                    .and_then(|pid| load::cpu_seconds(&pid.to_string()))
+                    .unwrap_or(0.0)
+            })
+            .collect()
     }
 
     fn rss_kib(&self) -> u64 {
@@ -406,6 +425,7 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
             let url = format!("nats://127.0.0.1:{port}");
             Sut {
                 processes: vec![nats],
+                names: vec!["nats-server"],
                 publisher: Publisher::Nats { url: url.clone() },
                 observers: vec![nats_observer(
                     &url,
@@ -433,6 +453,7 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
                 start_pinned(cmd, &dir.path().join("mosquitto.log"), "mosquitto", &[port]);
             Sut {
                 processes: vec![process],
+                names: vec!["mosquitto"],
                 publisher: Publisher::Mqtt {
                     host: "127.0.0.1".into(),
                     port,
@@ -469,6 +490,7 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
             }
             Sut {
                 processes: vec![nats],
+                names: vec!["nats-server"],
                 publisher: Publisher::Mqtt {
                     host: "127.0.0.1".into(),
                     port: mqtt_port,
@@ -507,6 +529,7 @@ async fn start(env: &Env, system: System, qos: u8) -> Sut {
             );
             Sut {
                 processes: vec![gateway, nats],
+                names: vec!["gateway", "nats-server"],
                 publisher: Publisher::Mqtt {
                     host: "127.0.0.1".into(),
                     port: mqtt_port,
@@ -560,8 +583,8 @@ struct Point {
     qos: u8,
     rate: u32,
     report: LoadReport,
-    /// SUT CPU seconds during the run.
-    cpu_s: f64,
+    /// CPU seconds of each SUT process during the run, named.
+    cpu_s: Vec<(&'static str, f64)>,
     /// The load generator's own CPU use during the run, in cores (it has one).
     load_busy: f64,
 }
@@ -585,11 +608,22 @@ impl Point {
     }
 
     fn cpu_per_10k(&self) -> f64 {
+        self.cpu_us_per_message(|_| true) / 100.0
+    }
+
+    /// CPU microseconds per message received of the SUT processes `which` selects by name.
+    fn cpu_us_per_message(&self, which: impl Fn(&str) -> bool) -> f64 {
         let received = self.report.primary().map_or(0, |t| t.received);
         if received == 0 {
             return f64::NAN;
         }
-        self.cpu_s / received as f64 * 10_000.0
+        let cpu: f64 = self
+            .cpu_s
+            .iter()
+            .filter(|(name, _)| which(name))
+            .map(|(_, s)| s)
+            .sum();
+        cpu / received as f64 * 1e6
     }
 }
 
@@ -625,7 +659,13 @@ async fn run_point(
             devices,
             qos,
             rate,
-            cpu_s: sut.cpu() - before,
+            cpu_s: sut
+                .names
+                .iter()
+                .zip(sut.cpu())
+                .zip(before)
+                .map(|((&name, after), before)| (name, after - before))
+                .collect(),
             load_busy: report.generator_busy.unwrap_or(0.0),
             report,
         }),
@@ -854,6 +894,75 @@ async fn blast(env: &Env, payload_bytes: usize) -> f64 {
     received as f64 / last.duration_since(started).as_secs_f64()
 }
 
+/// What nats-server alone can store on the SUT cores the way the gateway stores uplink.
+struct Ceiling {
+    /// Messages stored (acknowledged) per second.
+    rate: f64,
+    /// nats-server's CPU microseconds per stored message.
+    us_per_message: f64,
+    /// nats-server's CPU use during the run, in cores.
+    busy: f64,
+}
+
+/// One publisher on the load cores storing [`CEILING_MESSAGES`] into a stream set up as the
+/// gateway sets up `LW_UPLINK`, on a fresh nats-server on the SUT cores, each publish as the
+/// gateway's: a device subject, `Nats-Msg-Id` `{device}:{seq}` over `devices` devices and an
+/// unsampled `traceparent`, [`CEILING_WINDOW`] awaiting their ack at once. This is the most the
+/// gateway's nats-server could store if the gateway cost nothing.
+async fn store_ceiling(env: &Env, devices: u32, payload_bytes: usize) -> Ceiling {
+    let dir = tempfile::tempdir().unwrap();
+    let (nats, port) = start_nats(env, dir.path(), None);
+    let config = liftwire_runtime::nats::NatsConfig {
+        url: format!("nats://127.0.0.1:{port}"),
+        ..Default::default()
+    };
+    let client = liftwire_runtime::nats::connect(&config, "bench-ceiling")
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    liftwire_runtime::nats::ensure_stream(&js, &UPLINK_STREAM, &config)
+        .await
+        .unwrap();
+    let targets: Vec<(String, DeviceId)> = (1..=devices.max(1))
+        .map(|d| {
+            let id = load::device_id(BUILDING, d);
+            let uplink =
+                Uplink::from_mqtt_topic(&format!("lw/v1/{BUILDING}/{id}/up/telemetry")).unwrap();
+            (uplink.nats_subject(), DeviceId::new(id).unwrap())
+        })
+        .collect();
+    let payload = bytes::Bytes::from(vec![7u8; payload_bytes]);
+    let pid = nats.id().unwrap().to_string();
+    let cpu_before = load::cpu_seconds(&pid).unwrap_or(0.0);
+    let started = Instant::now();
+    let stored = futures::stream::iter(0..CEILING_MESSAGES)
+        .map(|i| {
+            let (subject, device) = &targets[(i % targets.len() as u64) as usize];
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                uplink_msg_id(device, i / targets.len() as u64).as_str(),
+            );
+            inject_unsampled_trace_context(&mut headers);
+            let publish = js.publish_with_headers(subject.clone(), headers, payload.clone());
+            async move { publish.await.ok()?.await.ok().filter(|ack| !ack.duplicate) }
+        })
+        .buffer_unordered(CEILING_WINDOW)
+        .filter(|ack| std::future::ready(ack.is_some()))
+        .count()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = load::cpu_seconds(&pid).unwrap_or(0.0) - cpu_before;
+    if (stored as u64) < CEILING_MESSAGES {
+        eprintln!("  store ceiling: {stored} of {CEILING_MESSAGES} stored");
+    }
+    Ceiling {
+        rate: stored as f64 / elapsed,
+        us_per_message: cpu / stored.max(1) as f64 * 1e6,
+        busy: cpu / elapsed,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The run and the tables.
 
@@ -1043,8 +1152,124 @@ async fn bench(args: Args, pinned: bool) {
     } else {
         None
     };
+    let ceiling = if systems.contains(&System::Gateway) {
+        let devices = args.devices.last().copied().unwrap_or(1000);
+        Some(store_ceiling(&env, devices, args.payload_bytes).await)
+    } else {
+        None
+    };
 
     print_tables(&args, &systems, &points, &storms, blast_rate);
+    print_budget(&args, &points, ceiling);
+}
+
+/// The held runs of `system` at `qos` at the highest rate any of them held (over every device
+/// count): where its cost per message is lowest.
+fn at_highest_held(points: &[Point], system: System, qos: u8) -> Vec<&Point> {
+    let held = || {
+        points
+            .iter()
+            .filter(move |p| p.system == system && p.qos == qos && p.held())
+    };
+    let Some(top) = held().map(|p| p.rate).max() else {
+        return Vec::new();
+    };
+    held().filter(|p| p.rate == top).collect()
+}
+
+/// How many CPUs a `taskset -c` list names (`0`, `0,2`, `0-3`).
+fn cpu_count(list: &str) -> usize {
+    list.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => match (a.trim().parse::<usize>(), b.trim().parse::<usize>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 1,
+            },
+            None => 1,
+        })
+        .sum()
+}
+
+/// What the throughput target (durable QoS 1 at twice native's) leaves per message, next to
+/// what storing a message and handling one cost here.
+fn print_budget(args: &Args, points: &[Point], ceiling: Option<Ceiling>) {
+    let Some(ceiling) = ceiling else { return };
+    let native: Vec<&Point> = at_highest_held(points, System::Native, 1);
+    let native_best = median(native.iter().map(|p| p.report.offered_rate).collect());
+    let cores = cpu_count(&args.sut_cpus) as f64;
+    println!("\n### What durable QoS 1 at 2× native takes\n");
+    if native_best.is_finite() {
+        let target = 2.0 * native_best;
+        let budget = cores * 1e6 / target;
+        println!(
+            "- target: 2 × {} = {} msg/s stored, so {budget:.1} µs of the SUT core{} per message for the gateway and its nats-server together;",
+            thousands(native_best),
+            thousands(target),
+            if cores > 1.0 { "s" } else { "" },
+        );
+        let left = budget - ceiling.us_per_message;
+        println!(
+            "- nats-server alone, storing as the gateway stores (stream `LW_UPLINK`'s settings, a device subject, `Nats-Msg-Id` and `traceparent`; one publisher on the load core, {CEILING_WINDOW} acks outstanding): {} msg/s at {:.0}% of a core, {:.1} µs per message, {};",
+            thousands(ceiling.rate),
+            ceiling.busy * 100.0,
+            ceiling.us_per_message,
+            if left > 0.0 {
+                format!("which would leave {left:.1} µs per message for the gateway")
+            } else {
+                "already more than the whole budget before the gateway handles a message".into()
+            },
+        );
+    } else {
+        println!(
+            "- nats-server alone, storing as the gateway stores: {} msg/s at {:.0}% of a core, {:.1} µs per message (no native QoS 1 run held, so no target);",
+            thousands(ceiling.rate),
+            ceiling.busy * 100.0,
+            ceiling.us_per_message,
+        );
+    }
+    let cost = |system: System, which: fn(&str) -> bool| {
+        let at = at_highest_held(points, system, 1);
+        let rate = at.first().map_or(0, |p| p.rate);
+        let us = median(at.iter().map(|p| p.cpu_us_per_message(which)).collect());
+        (us, rate)
+    };
+    let mut spent = Vec::new();
+    for (system, label, which) in [
+        (
+            System::Gateway,
+            "the gateway process",
+            (|n: &str| n == "gateway") as fn(&str) -> bool,
+        ),
+        (
+            System::Gateway,
+            "its nats-server",
+            (|n: &str| n == "nats-server") as fn(&str) -> bool,
+        ),
+        (
+            System::Native,
+            "native",
+            (|_: &str| true) as fn(&str) -> bool,
+        ),
+        (
+            System::Mosquitto,
+            "mosquitto (stores nothing)",
+            (|_: &str| true) as fn(&str) -> bool,
+        ),
+    ] {
+        let (us, rate) = cost(system, which);
+        if us.is_finite() {
+            spent.push(format!(
+                "{label} {us:.1} µs at {}/s",
+                thousands(f64::from(rate))
+            ));
+        }
+    }
+    if !spent.is_empty() {
+        println!(
+            "- CPU per message at each system's highest QoS 1 rate held: {}.",
+            spent.join("; ")
+        );
+    }
 }
 
 fn print_tables(
