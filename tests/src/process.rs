@@ -61,24 +61,26 @@ pub fn free_port() -> Result<u16> {
     })
 }
 
-/// Whether `pid` holds the socket listening on `addr`. `None` when this cannot tell: `addr` is
-/// not 127.0.0.1 (where every test server listens) or `/proc` is not readable.
-fn listens_on(pid: u32, addr: SocketAddr) -> Option<bool> {
-    if addr.ip() != std::net::Ipv4Addr::LOCALHOST {
+/// Whether `pid` holds a socket listening on `port` (any address, IPv4 or IPv6: a dual-stack
+/// listener answers on 127.0.0.1 too). `None` when this cannot tell: `/proc` is not readable or
+/// lists no listener on the port.
+fn listens_on(pid: u32, port: u16) -> Option<bool> {
+    let suffix = format!(":{port:04X}");
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(table) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        // Columns: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode.
+        inodes.extend(table.lines().skip(1).filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            (columns.len() > 9 && columns[1].ends_with(&suffix) && columns[3] == "0A")
+                .then(|| format!("socket:[{}]", columns[9]))
+        }));
+    }
+    if inodes.is_empty() {
         return None;
     }
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let wanted = format!("0100007F:{:04X}", addr.port());
-    // Columns: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode.
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let columns: Vec<&str> = line.split_whitespace().collect();
-            (columns.len() > 9 && columns[1] == wanted && columns[3] == "0A")
-                .then(|| format!("socket:[{}]", columns[9]))
-        })
-        .collect();
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     Some(fds.flatten().any(|fd| {
         std::fs::read_link(fd.path()).is_ok_and(|target| {
@@ -204,7 +206,7 @@ pub fn wait_for_port(
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             let ours = process
                 .id()
-                .and_then(|pid| listens_on(pid, addr))
+                .and_then(|pid| listens_on(pid, addr.port()))
                 .unwrap_or(true);
             if ours {
                 return Ok(());
