@@ -58,7 +58,9 @@ use futures::StreamExt;
 use liftwire_firmware_sim::load::{self, LoadConfig, LoadReport, Observe, Observer, Publisher};
 use liftwire_gateway::acl::DeviceKind;
 use liftwire_gateway::registry::{self, Registry};
-use liftwire_proto::naming::{uplink_msg_id, BuildingId, DeviceId, Uplink, UPLINK_STREAM};
+use liftwire_proto::naming::{
+    uplink_msg_id, BuildingId, DeviceId, Uplink, UplinkKind, UPLINK_STREAM,
+};
 use liftwire_runtime::observability::inject_unsampled_trace_context;
 use liftwire_testkit::process::{find_binary, free_port, wait_for_port, ServerProcess};
 use liftwire_testkit::Postgres;
@@ -627,6 +629,16 @@ impl Point {
     }
 }
 
+/// A step (the repetitions of one rate) holds when most of its runs held.
+fn majority_held<'a>(runs: impl IntoIterator<Item = &'a Point>) -> bool {
+    let (mut held, mut all) = (0, 0);
+    for run in runs {
+        all += 1;
+        held += usize::from(run.held());
+    }
+    held * 2 > all
+}
+
 async fn run_point(
     sut: &Sut,
     system: System,
@@ -923,12 +935,16 @@ async fn store_ceiling(env: &Env, devices: u32, payload_bytes: usize) -> Ceiling
     liftwire_runtime::nats::ensure_stream(&js, &UPLINK_STREAM, &config)
         .await
         .unwrap();
+    let building = BuildingId::new(BUILDING).unwrap();
     let targets: Vec<(String, DeviceId)> = (1..=devices.max(1))
         .map(|d| {
-            let id = load::device_id(BUILDING, d);
-            let uplink =
-                Uplink::from_mqtt_topic(&format!("lw/v1/{BUILDING}/{id}/up/telemetry")).unwrap();
-            (uplink.nats_subject(), DeviceId::new(id).unwrap())
+            let device = DeviceId::new(load::device_id(BUILDING, d)).unwrap();
+            let uplink = Uplink {
+                building: building.clone(),
+                device: device.clone(),
+                kind: UplinkKind::Telemetry,
+            };
+            (uplink.nats_subject(), device)
         })
         .collect();
     let payload = bytes::Bytes::from(vec![7u8; payload_bytes]);
@@ -1121,7 +1137,7 @@ async fn bench(args: Args, pinned: bool) {
                         }
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
-                    let held = step.iter().filter(|p| p.held()).count() * 2 > step.len();
+                    let held = majority_held(&step);
                     let generator_limited = step.iter().any(|p| !p.offered());
                     points.extend(step);
                     if !held || generator_limited {
@@ -1172,10 +1188,7 @@ fn at_highest_held(points: &[Point], system: System, qos: u8) -> Vec<&Point> {
             p.system == system && p.qos == qos && p.devices == devices && p.rate == rate
         })
     };
-    let step_held = |p: &Point| {
-        let runs = step(p.devices, p.rate).count();
-        step(p.devices, p.rate).filter(|q| q.held()).count() * 2 > runs
-    };
+    let step_held = |p: &Point| majority_held(step(p.devices, p.rate));
     let held = || {
         points
             .iter()
@@ -1294,7 +1307,7 @@ fn print_tables(
             if at.is_empty() {
                 break;
             }
-            if at.iter().filter(|p| p.held()).count() * 2 > at.len() {
+            if majority_held(at.iter().map(|p| **p)) {
                 best = median(at.iter().map(|p| p.report.offered_rate).collect());
             } else {
                 break;
